@@ -1,0 +1,507 @@
+"""Screw segmentation: a small 2D U-Net (MONAI) that labels every X-ray pixel as
+background (0), screw head (1) or screw shaft (2).
+
+Data flow (DESIGN.md): ``image float32 [v, u]`` → :func:`preprocess` (exposed
+field, polarity, robust windowing) → U-Net → probabilities ``float32 [3, v, u]``
+(background, head, shaft) at the image's own size.
+
+The network never sees bit depth, window or polarity as such: :func:`preprocess`
+maps any image to "larger = more attenuation", scaled by robust percentiles of
+the pixels inside the exposed field (the black surround of an image intensifier
+is detected and ignored).  Training (``training.py``) uses exactly this
+function, so inference and training agree.
+
+This module never imports the simulator (``xray``, ``simulate``, ``planning``,
+``training``): ``run`` must work without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MODEL_DIR",
+    "WEIGHTS_PATH",
+    "ARCHITECTURE",
+    "build_model",
+    "load_model",
+    "save_weights",
+    "sha256_of",
+    "segment",
+    "preprocess",
+    "field_mask",
+    "labels_from_probabilities",
+    "overlay",
+    "add_segment_arguments",
+    "segment_command",
+]
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+WEIGHTS_PATH = MODEL_DIR / "screw_unet.pt"
+WEIGHTS_FORMAT = "pedicle-screw-unet/1"
+
+# The shipped network: MONAI UNet, 5 levels, residual units.  ~1.6 M parameters,
+# ~0.1 s per 512x512 image on 2 CPU threads (bench/bench_segmentation.py).
+ARCHITECTURE = {
+    "name": "monai.networks.nets.UNet",
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": 3,
+    "channels": [16, 32, 64, 128, 256],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 2,
+}
+
+CLASS_NAMES = ("background", "head", "shaft")
+MIN_SIDE_PX = 8           # smaller images are refused: nothing meaningful to segment
+MAX_WORK_SIDE_PX = 1024   # larger images are downscaled for the network, probabilities upsampled back
+PAD_MULTIPLE = 16         # 4 stride-2 levels
+
+
+# --------------------------------------------------------------------------- model
+def build_model(arch: dict | None = None):
+    """Return an untrained U-Net built from ``arch`` (default :data:`ARCHITECTURE`)."""
+    from monai.networks.nets import UNet
+
+    a = dict(ARCHITECTURE if arch is None else arch)
+    if a.get("name", ARCHITECTURE["name"]) != ARCHITECTURE["name"]:
+        raise ValueError(f"unknown network {a.get('name')!r}; expected {ARCHITECTURE['name']!r}")
+    return UNet(
+        spatial_dims=int(a["spatial_dims"]),
+        in_channels=int(a["in_channels"]),
+        out_channels=int(a["out_channels"]),
+        channels=tuple(int(c) for c in a["channels"]),
+        strides=tuple(int(s) for s in a["strides"]),
+        num_res_units=int(a["num_res_units"]),
+    )
+
+
+def sha256_of(path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _expected_sha256(path: Path) -> str:
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"{sidecar}: missing checksum file for the weights {path.name}; "
+            "it must hold the SHA-256 (hex) of the weights file")
+    text = sidecar.read_text(encoding="utf-8", errors="replace").split()
+    digest = text[0].lower() if text else ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{sidecar}: not a SHA-256 hex digest (expected 64 hex characters)")
+    return digest
+
+
+def load_model(path=None, device="cpu"):
+    """Load the U-Net weights (default: the shipped ``Resources/Models/screw_unet.pt``).
+
+    The file's SHA-256 must match ``<path>.sha256`` (else ``ValueError``: the file
+    is corrupted or was tampered with); it is then read with
+    ``torch.load(..., weights_only=True)`` (no code runs from the file).
+    Returns the model in eval mode on ``device``.
+    """
+    import torch
+
+    path = Path(WEIGHTS_PATH if path is None else path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: segmentation weights not found")
+    expected = _expected_sha256(path)
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ValueError(
+            f"{path}: SHA-256 {actual} does not match {path.name}.sha256 ({expected}); "
+            "the weights file is corrupted or was tampered with, refusing to load it")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a hash-valid but unreadable file is still bad input
+        raise ValueError(f"{path}: cannot read weights ({exc})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT or "state_dict" not in blob:
+        raise ValueError(f"{path}: not a {WEIGHTS_FORMAT} weights file (keys 'format', 'arch', 'state_dict')")
+    model = build_model(blob.get("arch"))
+    state = {k: v.float() for k, v in blob["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the architecture {blob.get('arch')}: {exc}") from exc
+    model.eval()
+    model.meta = dict(blob.get("meta", {}))
+    return model.to(device)
+
+
+def save_weights(model, path, meta: dict | None = None, half: bool = False) -> str:
+    """Write ``model``'s state_dict (+ architecture, meta) atomically and its ``.sha256``.
+
+    Returns the hex digest.  ``half=True`` stores float16 to halve the size.
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items()}
+    blob = {"format": WEIGHTS_FORMAT, "arch": dict(ARCHITECTURE), "state_dict": state, "meta": dict(meta or {})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    digest = sha256_of(path)
+    _write_text_atomic(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n")
+    return digest
+
+
+# --------------------------------------------------------------------------- inference
+def segment(images, model=None, metal=None, device="cpu", batch_size: int = 4):
+    """Per-pixel probabilities (background, head, shaft) for each image.
+
+    ``images``: list of 2D arrays ``[v, u]`` of any size, dtype and bit depth
+    (a single 2D array is accepted too).  ``metal``: ``None`` (decide the
+    polarity automatically), ``"bright"``/``"dark"``, or a list with one such
+    entry (or ``None``) per image.  Returns a list of ``float32 [3, v, u]``
+    arrays summing to 1 over the first axis.
+
+    Automatic polarity: the network runs on both polarities and the one with
+    more confident screw evidence is kept (a wrong polarity shows metal as the
+    least attenuating thing in the image, which the network does not call a
+    screw).  A constant image gives all background.  Raises ``ValueError`` for
+    images that are not 2D, smaller than 8x8 pixels, or without a finite pixel.
+    """
+    import torch
+
+    if isinstance(images, np.ndarray) and images.ndim == 2:
+        images = [images]
+    images = list(images)
+    if isinstance(metal, (list, tuple)):
+        if len(metal) != len(images):
+            raise ValueError(f"metal: {len(metal)} hints for {len(images)} images")
+        hints = list(metal)
+    else:
+        hints = [metal] * len(images)
+    for h in hints:
+        if h not in (None, "bright", "dark"):
+            raise ValueError(f"metal: {h!r} is not 'bright', 'dark' or None")
+    if model is None:
+        model = load_model(device=device)
+    model = model.to(device).eval()
+
+    # Work items: (image index, polarity, network input [h, w], original shape, field mask)
+    work = []
+    results: list[np.ndarray | None] = [None] * len(images)
+    for i, (img, hint) in enumerate(zip(images, hints)):
+        arr = _as_image(img, i)
+        polarities = ["bright", "dark"] if hint is None else [hint]
+        for pol in polarities:
+            x, info = preprocess(arr, metal=pol, return_info=True)
+            if info["constant"]:
+                break
+            work.append((i, pol, _to_work_size(x), arr.shape))
+        if not work or work[-1][0] != i:
+            # constant (or fieldless) image: nothing to see → all background
+            p = np.zeros((3,) + arr.shape, np.float32)
+            p[0] = 1.0
+            results[i] = p
+
+    probs_by_item = _run_network(model, [w[2] for w in work], device, batch_size)
+    best: dict[int, tuple[float, np.ndarray]] = {}
+    for (i, pol, _x, shape), p in zip(work, probs_by_item):
+        p = _resize_probs(p, shape)
+        score = _screw_evidence(p)
+        if i not in best or score > best[i][0]:
+            best[i] = (score, p)
+    for i, (_s, p) in best.items():
+        results[i] = p
+    return results
+
+
+def _as_image(img, index=0) -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.ndim == 3 and arr.shape.count(1) == 1:  # a 3D image with one slice
+        arr = arr.reshape([s for s in arr.shape if s != 1])
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        raise ValueError(f"image {index}: colour image of shape {arr.shape}; expected a 2D grey image [v, u]")
+    if arr.ndim != 2:
+        raise ValueError(f"image {index}: expected a 2D grey image [v, u], got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"image {index}: empty image (shape {arr.shape})")
+    if min(arr.shape) < MIN_SIDE_PX:
+        raise ValueError(f"image {index}: {arr.shape[0]}x{arr.shape[1]} pixels is too small to segment "
+                         f"(need at least {MIN_SIDE_PX}x{MIN_SIDE_PX})")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"image {index}: pixel type {arr.dtype} is not a real number type")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).any():
+        raise ValueError(f"image {index}: no finite pixel (all NaN/inf)")
+    return arr
+
+
+def _to_work_size(x: np.ndarray) -> np.ndarray:
+    """Downscale so the longest side is at most MAX_WORK_SIDE_PX (area average)."""
+    h, w = x.shape
+    s = max(h, w)
+    if s <= MAX_WORK_SIDE_PX:
+        return x
+    import torch
+    import torch.nn.functional as F
+
+    f = MAX_WORK_SIDE_PX / s
+    size = (max(MIN_SIDE_PX, round(h * f)), max(MIN_SIDE_PX, round(w * f)))
+    t = torch.from_numpy(np.ascontiguousarray(x))[None, None]
+    return F.interpolate(t, size=size, mode="area")[0, 0].numpy()
+
+
+def _resize_probs(p: np.ndarray, shape) -> np.ndarray:
+    if p.shape[1:] == tuple(shape):
+        return p
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(p)[None]
+    out = F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0]
+    out = out.clamp_min(0)
+    return (out / out.sum(0, keepdim=True).clamp_min(1e-6)).numpy().astype(np.float32)
+
+
+def _run_network(model, inputs, device, batch_size):
+    """Softmax probabilities ``[3, h, w]`` per input; inputs padded to a multiple of 16, batched by size."""
+    import torch
+    import torch.nn.functional as F
+
+    out: list[np.ndarray | None] = [None] * len(inputs)
+    groups: dict[tuple, list[int]] = {}
+    for k, x in enumerate(inputs):
+        groups.setdefault(x.shape, []).append(k)
+    with torch.inference_mode():
+        for shape, idx in groups.items():
+            h, w = shape
+            ph = (-h) % PAD_MULTIPLE
+            pw = (-w) % PAD_MULTIPLE
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s:s + batch_size]
+                t = torch.from_numpy(np.stack([inputs[k] for k in chunk]))[:, None].to(device)
+                if ph or pw:
+                    # replicate: no artificial edge for the network to call metal
+                    t = F.pad(t, (0, pw, 0, ph), mode="replicate")
+                logits = model(t)[:, :, :h, :w]
+                probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                for k, p in zip(chunk, probs):
+                    out[k] = p.astype(np.float32)
+    return out
+
+
+def _screw_evidence(p: np.ndarray) -> float:
+    """Confident screw evidence: sum of (1 - p_background) over pixels the network calls screw."""
+    fg = 1.0 - p[0]
+    conf = fg[fg > 0.5]
+    return float(conf.sum()) if conf.size else 0.0
+
+
+def labels_from_probabilities(probs) -> np.ndarray:
+    """uint8 ``[v, u]`` label map (0 background, 1 head, 2 shaft) by arg-max of ``[3, v, u]`` probabilities."""
+    p = np.asarray(probs)
+    if p.ndim != 3 or p.shape[0] != 3:
+        raise ValueError(f"probabilities: expected shape [3, v, u], got {p.shape}")
+    return np.argmax(p, axis=0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- preprocessing
+def preprocess(image, metal=None, return_info: bool = False):
+    """Map any X-ray to the network's input: float32 ``[v, u]``, larger = more attenuation.
+
+    1. ``metal == "dark"`` (metal shown dark, e.g. raw detector intensity or an
+       inverted fluoroscopy display) flips the sign; ``"bright"`` or ``None`` keep it.
+    2. The exposed field is found (:func:`field_mask`): a uniform surround touching
+       the border (image intensifier's black circle, collimator) is ignored.
+    3. Robust window: the 1st and 99th percentiles inside the field map to 0 and 1;
+       values are clipped to [-0.5, 2.0] (metal may exceed 1, which is informative).
+       Outside the field the input is 0.
+    Non-finite pixels are set to the field's median.  ``return_info=True`` also
+    returns a dict (``field``: bool mask, ``constant``: True if the field has no contrast).
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"preprocess: expected a 2D image, got shape {arr.shape}")
+    finite = np.isfinite(arr)
+    if not finite.any():
+        raise ValueError("preprocess: no finite pixel (all NaN/inf)")
+    if not finite.all():
+        arr = np.where(finite, arr, np.median(arr[finite])).astype(np.float32)
+    if metal == "dark":
+        arr = -arr
+    elif metal not in (None, "bright"):
+        raise ValueError(f"metal: {metal!r} is not 'bright', 'dark' or None")
+    field = field_mask(arr) & finite
+    vals = arr[field] if field.sum() >= 16 else arr[finite]
+    if vals.size > 200_000:  # percentiles of a fixed subsample: same result, faster
+        vals = vals[:: vals.size // 200_000 + 1]
+    lo, hi = np.percentile(vals, [1.0, 99.0])
+    if not hi - lo > 1e-6 * max(1.0, abs(float(hi)), abs(float(lo))):
+        lo, hi = float(vals.min()), float(vals.max())
+    constant = not hi - lo > 1e-6 * max(1.0, abs(float(hi)), abs(float(lo)))
+    if constant:
+        x = np.zeros_like(arr)
+    else:
+        x = np.clip((arr - lo) / (hi - lo), -0.5, 2.0)
+        x[~field] = 0.0
+    x = x.astype(np.float32)
+    if return_info:
+        return x, {"field": field, "constant": bool(constant), "lo": float(lo), "hi": float(hi)}
+    return x
+
+
+def field_mask(image) -> np.ndarray:
+    """Boolean ``[v, u]`` mask of the exposed field.
+
+    The unexposed surround (an image intensifier's circle, collimator blades,
+    a black frame) is a near-uniform region touching the image border whose
+    value is the image's minimum or maximum.  It is found on a 3x3-median-filtered
+    image (robust to noise) as the border-connected pixels within 2% of the
+    robust range of that extreme value.  Returns all True when no such surround
+    covers at least 3% of the image or it would leave less than 10% exposed.
+    """
+    from scipy import ndimage
+
+    arr = np.asarray(image, dtype=np.float32)
+    h, w = arr.shape
+    full = np.ones((h, w), bool)
+    if h < 16 or w < 16:
+        return full
+    # work on a coarse grid for speed on big images
+    step = max(1, int(max(h, w) // 512))
+    small = arr[::step, ::step]
+    small = ndimage.median_filter(small, size=3, mode="nearest")
+    p1, p99 = np.percentile(small, [1, 99])
+    rng = float(p99 - p1)
+    if rng <= 0:
+        rng = float(small.max() - small.min())
+    if rng <= 0:
+        return full
+    tol = 0.02 * rng
+    best = None
+    for extreme in (float(small.min()), float(small.max())):
+        near = np.abs(small - extreme) <= tol
+        if near[0].mean() + near[-1].mean() + near[:, 0].mean() + near[:, -1].mean() == 0:
+            continue
+        lab, n = ndimage.label(near)
+        edge_labels = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        edge_labels = edge_labels[edge_labels > 0]
+        surround = np.isin(lab, edge_labels)
+        frac = surround.mean()
+        if frac >= 0.03 and (best is None or frac > best[0]):
+            best = (frac, surround)
+    if best is None or best[0] > 0.9:
+        return full
+    # close small holes (text burned into the surround) and grow 1 px past the soft rim
+    surround = ndimage.binary_dilation(ndimage.binary_closing(best[1], iterations=2), iterations=1)
+    if step > 1:
+        surround = np.repeat(np.repeat(surround, step, 0), step, 1)[:h, :w]
+    mask = ~surround
+    if mask.mean() < 0.1:
+        return full
+    return mask
+
+
+# --------------------------------------------------------------------------- overlay
+HEAD_RGB = (255, 140, 0)    # orange
+SHAFT_RGB = (0, 200, 255)   # cyan
+
+
+def overlay(image, labels, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 ``[v, u, 3]``: the X-ray (robustly windowed, as stored) with head / shaft tinted."""
+    arr = np.asarray(image, dtype=np.float32)
+    lab = np.asarray(labels)
+    if arr.ndim != 2 or lab.shape != arr.shape:
+        raise ValueError(f"overlay: image {arr.shape} and labels {lab.shape} must be the same 2D shape")
+    finite = np.isfinite(arr)
+    if finite.any():
+        lo, hi = np.percentile(arr[finite], [0.5, 99.5])
+        g = np.clip((np.where(finite, arr, lo) - lo) / max(float(hi - lo), 1e-6), 0, 1)
+    else:
+        g = np.zeros_like(arr)
+    rgb = np.repeat((g * 255.0)[..., None], 3, axis=2)
+    for cls, colour in ((1, HEAD_RGB), (2, SHAFT_RGB)):
+        m = lab == cls
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(colour, np.float32)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_segment_arguments(parser) -> None:
+    parser.add_argument("case_dir", help="case folder (case.json + images)")
+    parser.add_argument("--out", required=True, help="output folder (not the case folder)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--weights", default=None, help="weights file (default: the shipped model)")
+
+
+def segment_command(args) -> int:
+    from . import io
+
+    case_dir = Path(args.case_dir)
+    out = Path(args.out)
+    if out.resolve() == case_dir.resolve():
+        raise ValueError(f"--out {out}: refusing to write into the case folder itself; choose another folder")
+    case = io.read_case(case_dir)
+    model = load_model(args.weights, device=args.device)
+    _set_threads()
+    hints = [getattr(v, "metal", None) for v in case.views]
+    probs = segment(case.images, model=model, metal=hints, device=args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    for view, img, p in zip(case.views, case.images, probs):
+        labels = labels_from_probabilities(p)
+        base = io.safe_view_filename(view.name) if hasattr(io, "safe_view_filename") else _safe_name(view.name)
+        _write_png(out / f"{base}_labels.png", labels)
+        _write_png(out / f"{base}_overlay.png", overlay(img, labels))
+        n_head, n_shaft = int((labels == 1).sum()), int((labels == 2).sum())
+        print(f"{view.name}: head {n_head} px, shaft {n_shaft} px -> {base}_labels.png, {base}_overlay.png")
+    return 0
+
+
+def _set_threads():
+    import torch
+
+    # the machines this runs on are shared; 2 threads is the project's limit
+    if torch.get_num_threads() > 2 and os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(2)
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
+    return keep or "view"
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    """Atomic PNG write (temp file in the same folder, then os.replace)."""
+    from PIL import Image
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
