@@ -231,7 +231,7 @@ def _as_image(img, index=0) -> np.ndarray:
     if arr.ndim == 3 and arr.shape.count(1) == 1:  # a 3D image with one slice
         arr = arr.reshape([s for s in arr.shape if s != 1])
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        raise ValueError(f"image {index}: colour image of shape {arr.shape}; expected a 2D grey image [v, u]")
+        raise ValueError(f"image {index}: shape {arr.shape} looks like a colour image; expected a 2D grey image [v, u]")
     if arr.ndim != 2:
         raise ValueError(f"image {index}: expected a 2D grey image [v, u], got shape {arr.shape}")
     if arr.size == 0:
@@ -450,7 +450,9 @@ def segment_command(args) -> int:
 
     case_dir = Path(args.case_dir)
     out = Path(args.out)
-    if out.resolve() == case_dir.resolve():
+    if hasattr(io, "ensure_output_dir_outside"):
+        io.ensure_output_dir_outside(out, case_dir)
+    elif out.resolve() == case_dir.resolve():
         raise ValueError(f"--out {out}: refusing to write into the case folder itself; choose another folder")
     case = io.read_case(case_dir)
     model = load_model(args.weights, device=args.device)
@@ -460,9 +462,9 @@ def segment_command(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for view, img, p in zip(case.views, case.images, probs):
         labels = labels_from_probabilities(p)
-        base = io.safe_view_filename(view.name) if hasattr(io, "safe_view_filename") else _safe_name(view.name)
-        _write_png(out / f"{base}_labels.png", labels)
-        _write_png(out / f"{base}_overlay.png", overlay(img, labels))
+        base = io.safe_view_filename(view.name)
+        io.write_png(out / f"{base}_labels.png", labels)
+        io.write_png(out / f"{base}_overlay.png", overlay(img, labels))
         n_head, n_shaft = int((labels == 1).sum()), int((labels == 2).sum())
         print(f"{view.name}: head {n_head} px, shaft {n_shaft} px -> {base}_labels.png, {base}_overlay.png")
     return 0
@@ -474,26 +476,6 @@ def _set_threads():
     # the machines this runs on are shared; 2 threads is the project's limit
     if torch.get_num_threads() > 2 and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(2)
-
-
-def _safe_name(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
-    return keep or "view"
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    """Atomic PNG write (temp file in the same folder, then os.replace)."""
-    from PIL import Image
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

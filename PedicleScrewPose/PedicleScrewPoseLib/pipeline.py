@@ -1,0 +1,393 @@
+"""The ``run`` command: from a case folder to every screw's pose (result.json).
+
+Stages (DESIGN.md): segmentation (U-Net probabilities per view) → instances per view →
+correspondence across views → initial poses (triangulation) → joint 2D/3D refinement →
+optional assessment (level, side, breach; needs the case's CT labels) → outputs.
+
+This module never imports the simulator (xray, simulate, planning, training).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import correspondence, geometry, instances as instances_mod, pose
+
+__all__ = ["run_case", "result_from_estimates", "write_outputs", "add_run_arguments", "run_command"]
+
+#: Screws whose silhouettes agree less than this with the segmentation (worst view) are dropped.
+MIN_CONFIDENCE = 0.2
+#: Two screws closer than this (max of entry and tip distance, mm) after refinement are one.
+DUPLICATE_MM = 3.0
+
+
+def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, scene=False,
+             assess=True, progress=None) -> dict:
+    """Find every screw of ``case`` (an ``io.Case``) and return the result.json dict.
+
+    ``probabilities``: per view ``float32 [3, v, u]`` (background, head, shaft) to use
+    instead of the network (tests and benchmarks feed true label maps one-hot, to separate
+    segmentation from geometry errors).  ``model``: a loaded segmentation model (else the
+    shipped one is loaded).  ``out_dir``: when given, the outputs are written there
+    (see :func:`write_outputs`); nothing is written inside the case folder.
+    ``progress``: optional callable taking a stage name.
+    """
+    t_start = time.perf_counter()
+    timing = {}
+    views = list(case.views)
+    if len(views) < 2:
+        raise ValueError(f"{getattr(case, 'root', 'case')}: need at least two views, got {len(views)}")
+    say = progress or (lambda stage: None)
+
+    # 1. Segmentation.
+    say("segmentation")
+    t = time.perf_counter()
+    if probabilities is None:
+        from . import segmentation  # noqa: PLC0415  (imports torch/monai only when needed)
+
+        if model is None:
+            model = segmentation.load_model(device=device)
+        probabilities = segmentation.segment(case.images, model=model,
+                                             metal=[getattr(v, "metal", None) for v in views], device=device)
+    probabilities = _check_probabilities(probabilities, views)
+    timing["segmentation"] = time.perf_counter() - t
+
+    # 2. Instances per view.
+    say("instances")
+    t = time.perf_counter()
+    centre = correspondence.scene_centre(views)
+    per_view = [
+        instances_mod.find_instances(p, i, mm_per_px=correspondence.mm_per_px_at(v, centre))
+        for i, (p, v) in enumerate(zip(probabilities, views))
+    ]
+    timing["instances"] = time.perf_counter() - t
+
+    # 3. Correspondence.
+    say("correspondence")
+    t = time.perf_counter()
+    matches, unmatched = correspondence.match_instances(views, per_view, probabilities)
+    timing["correspondence"] = time.perf_counter() - t
+
+    # 4. Pose: triangulation, joint refinement, clean-up.
+    say("pose")
+    t = time.perf_counter()
+    implants = list(getattr(case, "implants", None) or [])
+    estimates = pose.initial_poses(views, per_view, matches, implants=implants)
+    timing["initial_pose"] = time.perf_counter() - t
+    t2 = time.perf_counter()
+    estimates = pose.refine_poses(views, probabilities, estimates, implants=implants, device=device)
+    kept = _clean(estimates)
+    if len(kept) != len(estimates) and kept:
+        # Screws dropped: refit the rest once, briefly, without them pulling.
+        kept = pose.refine_poses(views, probabilities, kept, implants=implants, device=device,
+                                 stages_free=pose.STAGES_FREE[-1:], stages_fixed=pose.STAGES_FIXED)
+        kept = _clean(kept)
+    timing["refinement"] = time.perf_counter() - t2
+    timing["pose"] = time.perf_counter() - t
+
+    result = result_from_estimates(views, kept, per_view, unmatched)
+
+    # 5. Assessment where the case has vertebra labels (optional module, owned elsewhere).
+    if assess and getattr(case, "labels_path", None) is not None and result["screws"]:
+        t = time.perf_counter()
+        result["screws"] = _assess(case, result["screws"])
+        timing["assessment"] = time.perf_counter() - t
+
+    timing["total"] = time.perf_counter() - t_start
+    result["timing_s"] = {k: round(float(v), 4) for k, v in timing.items()}
+    if out_dir is not None:
+        say("outputs")
+        t = time.perf_counter()
+        write_outputs(out_dir, case, result, probabilities, kept, scene=scene)
+        result["timing_s"]["outputs"] = round(time.perf_counter() - t, 4)
+        # result.json carries the output time too.
+        from . import io  # noqa: PLC0415
+
+        io.write_result(out_dir, result)
+    return result
+
+
+def _check_probabilities(probabilities, views):
+    probs = list(probabilities)
+    if len(probs) != len(views):
+        raise ValueError(f"probabilities: {len(probs)} maps for {len(views)} views")
+    out = []
+    for p, v in zip(probs, views):
+        p = np.asarray(p, np.float32)
+        if p.shape != (3, v.height, v.width):
+            raise ValueError(f"probabilities of view {v.name!r}: shape {p.shape}, expected (3, {v.height}, {v.width})")
+        if not np.all(np.isfinite(p)):
+            raise ValueError(f"probabilities of view {v.name!r} contain NaN or infinite values")
+        out.append(p)
+    return out
+
+
+def _clean(estimates):
+    """Drop screws that do not fit the images and duplicates (the better fit stays)."""
+    good = [e for e in estimates if e.confidence >= MIN_CONFIDENCE]
+    good.sort(key=lambda e: -e.confidence)
+    kept = []
+    for e in good:
+        if any(max(np.linalg.norm(e.entry_mm - k.entry_mm), np.linalg.norm(e.tip_mm - k.tip_mm)) < DUPLICATE_MM
+               for k in kept):
+            continue
+        kept.append(e)
+    return kept
+
+
+def result_from_estimates(views, estimates, per_view=None, unmatched=()) -> dict:
+    """result.json dict (CASE_FORMAT.md) from refined screws; ids S1.. from head to feet, right to left."""
+    order = sorted(estimates, key=lambda e: (-round(float(e.entry_mm[2]) / 10.0), -float(e.entry_mm[0])))
+    screws = []
+    for i, e in enumerate(order, start=1):
+        entry = np.asarray(e.entry_mm, float)
+        tip = np.asarray(e.tip_mm, float)
+        vd = {}
+        for v in views:
+            uv = geometry.project(v.P, np.array([entry, tip]))
+            vd[v.name] = {"entry_px": [round(float(x), 2) for x in uv[0]],
+                          "tip_px": [round(float(x), 2) for x in uv[1]]}
+        screws.append({
+            "id": f"S{i}",
+            "entry_mm": [round(float(x), 4) for x in entry],
+            "tip_mm": [round(float(x), 4) for x in tip],
+            "diameter_mm": round(float(e.diameter_mm), 3),
+            "length_mm": round(float(e.length_mm), 3),
+            "transform": [[round(float(x), 6) for x in row] for row in pose.pose_matrix(entry, tip)],
+            "confidence": round(float(e.confidence), 4),
+            "views": vd,
+        })
+    un = []
+    for u in unmatched:
+        inst = per_view[u.view_index][u.instance_index]
+        if _explained(views[u.view_index], inst, order):
+            continue  # a refined screw lies along it (a piece of a found screw)
+        un.append({
+            "view": views[u.view_index].name,
+            "entry_px": [round(float(x), 2) for x in inst.head_end_px],
+            "tip_px": [round(float(x), 2) for x in inst.tip_px],
+            "reason": u.reason,
+        })
+    return {"format": "pedicle-screw-result/1", "screws": screws, "unmatched": un}
+
+
+def _explained(view, inst, estimates) -> bool:
+    for e in estimates:
+        ends = geometry.project(view.P, np.array([e.entry_mm - e.axis * e.head_height_mm, e.tip_mm]))
+        p, q = ends
+        seg = q - p
+        n2 = max(float(seg @ seg), 1e-9)
+        tol = max(inst.head_radius_px, inst.width_px, 4.0)
+        ok = True
+        for pt in (inst.head_end_px, np.asarray(inst.tip_px, float)):
+            t = np.clip((pt - p) @ seg / n2, 0, 1)
+            if np.linalg.norm(pt - p - t * seg) > tol:
+                ok = False
+        if ok:
+            return True
+    return False
+
+
+def _assess(case, screws):
+    """Level, side and breach from the case's CT and labels, when the assessment module is there."""
+    try:
+        from . import assessment, ct as ctmod  # noqa: PLC0415
+    except ImportError:
+        return screws
+    labels = ctmod.load_labels(case.labels_path, names=getattr(case, "label_names", None) or None)
+    ct_vol = ctmod.load_volume(case.ct_path) if getattr(case, "ct_path", None) is not None else None
+    return assessment.assess_screws(screws, ct_vol, labels)
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def write_outputs(out_dir, case, result, probabilities, estimates, scene=False) -> Path:
+    """Write result.json, per view ``<view>_labels.png``, ``<view>_overlay.png`` (segmentation)
+    and ``<view>_fit.png`` (fitted screw outlines over the X-ray), plus report/scene hooks."""
+    from . import io  # noqa: PLC0415
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    io.write_result(out_dir, result)
+    label_maps = {}
+    for view, image, p in zip(case.views, case.images, probabilities):
+        labels = _labels_from_probabilities(p)
+        label_maps[view.name] = labels
+        base = io.safe_view_filename(view.name)
+        io.write_png(out_dir / f"{base}_labels.png", labels)
+        io.write_png(out_dir / f"{base}_overlay.png", _overlay(image, labels))
+        io.write_png(out_dir / f"{base}_fit.png", fit_picture(image, view, estimates))
+    # Report and Slicer scene: modules owned elsewhere; used when present.
+    try:
+        from . import report  # noqa: PLC0415
+
+        if hasattr(report, "write_report"):
+            report.write_report(out_dir, case, result)
+    except ImportError:
+        pass
+    if scene:
+        from . import mrml  # noqa: PLC0415
+
+        mrml.write_scene_for_run(out_dir, case, result, label_maps=label_maps)
+    return out_dir
+
+
+def _labels_from_probabilities(p):
+    try:
+        from .segmentation import labels_from_probabilities  # noqa: PLC0415
+
+        return np.asarray(labels_from_probabilities(p), np.uint8)
+    except ImportError:
+        return np.argmax(p, axis=0).astype(np.uint8)
+
+
+def _grey(image):
+    arr = np.asarray(image, np.float32)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, np.uint8)
+    lo, hi = np.percentile(arr[finite], [0.5, 99.5])
+    g = np.clip((np.where(finite, arr, lo) - lo) / max(float(hi - lo), 1e-6), 0, 1)
+    return (g * 255 + 0.5).astype(np.uint8)
+
+
+def _overlay(image, labels):
+    try:
+        from .segmentation import overlay  # noqa: PLC0415
+
+        return overlay(image, labels)
+    except ImportError:
+        g = _grey(image)
+        rgb = np.repeat(g[..., None], 3, 2)
+        rgb[labels == 1] = (255, 140, 0)
+        rgb[labels == 2] = (0, 200, 255)
+        return rgb
+
+
+FIT_COLOURS = ((255, 60, 60), (60, 255, 60), (80, 160, 255), (255, 220, 0), (255, 0, 255), (0, 255, 255))
+
+
+def fit_picture(image, view, estimates) -> np.ndarray:
+    """RGB uint8: the X-ray with each fitted screw's silhouette outline and axis drawn in colour."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+    from scipy import ndimage  # noqa: PLC0415
+
+    rgb = np.repeat(_grey(image)[..., None], 3, 2)
+    for k, e in enumerate(estimates):
+        lab = pose.render_labels(view, [e])
+        m = lab > 0
+        edge = m & ~ndimage.binary_erosion(m)
+        rgb[edge] = FIT_COLOURS[k % len(FIT_COLOURS)]
+    im = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(im)
+    for k, e in enumerate(estimates):
+        (u0, v0), (u1, v1) = geometry.project(view.P, np.array([e.entry_mm, e.tip_mm]))
+        c = FIT_COLOURS[k % len(FIT_COLOURS)]
+        draw.line([(u0, v0), (u1, v1)], fill=c, width=1)
+        draw.ellipse([u0 - 2, v0 - 2, u0 + 2, v0 + 2], outline=c)
+    return np.asarray(im)
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def add_run_arguments(parser) -> None:
+    parser.add_argument("case_dir", help="case folder (case.json + images)")
+    parser.add_argument("--out", required=True, help="output folder (must not be inside the case folder)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    parser.add_argument("--weights", default=None, help="segmentation weights (default: the shipped model)")
+    parser.add_argument("--scene", action="store_true", help="also write a Slicer scene (scene.mrb)")
+    parser.add_argument("--truth-labels", action="store_true",
+                        help="use the case's truth/<view>_labels.png instead of the network (geometry check)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
+
+
+def run_command(args) -> int:
+    from . import io  # noqa: PLC0415
+
+    case_dir = Path(args.case_dir)
+    out = Path(args.out)
+    if not case_dir.exists():
+        raise FileNotFoundError(f"case folder {case_dir} does not exist")
+    io.ensure_output_dir_outside(out, case_dir)
+    if (out / "result.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{out / 'result.json'} already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if args.device.startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    case = io.read_case(case_dir)
+    probabilities, model = None, None
+    if args.truth_labels:
+        probabilities = []
+        for v in case.views:
+            lab = io.read_truth_labels(case_dir, v.name)
+            probabilities.append(one_hot(lab))
+    else:
+        from . import segmentation  # noqa: PLC0415
+
+        model = segmentation.load_model(args.weights, device=args.device)
+    _limit_threads()
+
+    # Everything is written into a temporary folder beside --out, then moved in place:
+    # a failure leaves no partial result.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        result = run_case(case, out_dir=tmp, device=args.device, probabilities=probabilities, model=model,
+                          scene=args.scene)
+        _move_into(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    n = len(result["screws"])
+    print(f"{n} screw{'s' if n != 1 else ''} found, {len(result['unmatched'])} unmatched instance(s); "
+          f"{result['timing_s']['total']:.2f} s -> {out / 'result.json'}")
+    for s in result["screws"]:
+        extra = f" {s.get('level', '')} {s.get('side', '')}".rstrip()
+        print(f"  {s['id']}: entry {np.round(s['entry_mm'], 1).tolist()} tip {np.round(s['tip_mm'], 1).tolist()} "
+              f"{s['diameter_mm']:g}x{s['length_mm']:g} mm conf {s['confidence']:.2f}{extra}")
+    return 0
+
+
+def one_hot(labels) -> np.ndarray:
+    """uint8 label map [v,u] (0/1/2) → float32 [3, v, u] probabilities."""
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"label map must be 2D, got shape {lab.shape}")
+    return np.stack([(lab == k) for k in range(3)]).astype(np.float32)
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    # result.json last, so a reader never sees a new result beside stale pictures.
+    for p in sorted(tmp.iterdir(), key=lambda x: (x.name == "result.json", x.name)):
+        target = out / p.name
+        if target.is_dir() and not p.is_dir():
+            shutil.rmtree(target)
+        if p.is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(p, target)
+        else:
+            os.replace(p, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _limit_threads():
+    import torch  # noqa: PLC0415
+
+    if torch.get_num_threads() > 2 and os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(2)

@@ -1,0 +1,803 @@
+"""Training of the screw segmentation U-Net on simulated X-rays.
+
+The only path from the pipeline's world to the simulator's: ``segmentation``
+never imports this module.
+
+Data (all from the example CT, every random process seeded):
+
+1. **Bank** (:func:`build_bank`, cached in an ``.npz``): a pool of random C-arm
+   views (AP, lateral, obliques up to +-30 deg around both, cranial/caudal tilt,
+   varied isocentre, SID/SDD, pixel pitch, detector size).  Per view the
+   expensive parts are computed once with the simulator (``xray``): the CT's
+   material line integrals (g/cm^2 of soft tissue and bone) and, per candidate
+   screw (planned bilateral trajectories with random misplacements and sizes,
+   screw shapes varied beyond the catalogue, plus free-floating screws), its
+   titanium path lengths (mm) for head and shaft, stored as small crops.
+2. **Samples** (:func:`render_sample`), composited on the fly: a random subset of
+   0-12 screws, distractors that are metal but not screws (rods, K-wires,
+   clamps, retractor blades, ECG leads and electrodes, calibration beads, table
+   edge), a random zoom/rotation/flip/crop, then physics on the crop: a
+   polychromatic spectrum (spekpy; kVp, filtration), titanium density varied
+   +-25%, quantum noise at a random dose, scatter, detector blur, vignetting,
+   then the display: log or linear, either polarity, window/level with
+   saturation, gamma and random tone curves, edge enhancement, the circular
+   field of an image intensifier or a collimated square field, burned-in text
+   and markers, 8- or 16-bit quantisation.
+3. The network input is ``segmentation.preprocess(image, metal=hint)``: the very
+   function inference uses.
+
+Held out from training (kept for the test set, ``bench/bench_segmentation.py``):
+vertebral levels :data:`TEST_LEVELS`, C-arm angle bands :data:`TEST_LAO_BANDS_DEG`,
+screw diameters :data:`TEST_DIAMETERS_MM`, and the test seeds.
+
+CLI: ``pedicle-screw-pose train-segmentation --out DIR [--seed S] [--steps N]
+[--minutes M] [--device cpu|cuda] [--resume]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import segmentation
+
+__all__ = [
+    "TRAIN_LEVELS",
+    "TEST_LEVELS",
+    "TEST_LAO_BANDS_DEG",
+    "TEST_DIAMETERS_MM",
+    "build_bank",
+    "load_or_build_bank",
+    "render_sample",
+    "training_pair",
+    "train",
+    "dice_per_class",
+    "add_train_segmentation_arguments",
+    "train_segmentation_command",
+]
+
+# Held-out split (see the module docstring).
+TRAIN_LEVELS = ("T6", "T7", "T8", "T9", "T10", "T11", "L1", "L2")
+TEST_LEVELS = ("T12", "L3", "T4", "T5")
+TEST_LAO_BANDS_DEG = ((12.0, 17.0), (-22.0, -17.0), (73.0, 78.0), (97.0, 102.0))
+TEST_DIAMETERS_MM = (5.5, 7.5)
+_DIAMETER_GAP_MM = 0.2   # training diameters stay this far from the test ones
+DEFAULT_SEED = 20240611
+TEST_SEED_OFFSET = 7_000_003  # test banks/samples use seed + this; training never does
+
+CROP_PX = 256
+
+
+# =========================================================================== bank
+def _in_bands(angle, bands):
+    return any(lo <= angle <= hi for lo, hi in bands)
+
+
+def _random_view(rng, split: str, ct_center, size_px=None):
+    """A random C-arm view for ``split`` ("train" avoids the test angle bands, "test" uses only them)."""
+    from . import geometry
+
+    lateral = rng.random() < 0.4
+    for _ in range(1000):
+        if split == "test":
+            lo, hi = TEST_LAO_BANDS_DEG[rng.integers(len(TEST_LAO_BANDS_DEG))]
+            lao = float(rng.uniform(lo, hi))
+            break
+        base = 90.0 if lateral else 0.0
+        lao = float(base + rng.uniform(-30, 30))
+        if not _in_bands(lao, TEST_LAO_BANDS_DEG):
+            break
+    if rng.random() < 0.15:  # left/right lateral, PA-ish: the C-arm can be either side
+        lao = -lao
+    cranial = float(rng.uniform(-20, 20))
+    sid = float(rng.uniform(500, 800))
+    sdd = float(sid + rng.uniform(250, 500))
+    # one detector size per bank (arrays stack); other sizes come from the zoom/crop augmentation
+    size = int(size_px or 512)
+    # pixel size at the isocentre 0.35-0.9 mm: screws 7-19 px wide before zoom augmentation
+    iso_px = float(rng.uniform(0.35, 0.9))
+    pixel_mm = iso_px * sdd / sid
+    iso = np.asarray(ct_center, float) + rng.normal(0, [15, 15, 40])
+    return geometry.carm_view(
+        f"{split}-{lao:+.0f}-{cranial:+.0f}", isocenter_mm=iso, lao_deg=lao, cranial_deg=cranial,
+        sid_mm=sid, sdd_mm=sdd, pixel_mm=pixel_mm, width=size, height=size,
+        principal_offset_px=tuple(rng.normal(0, 10, 2)), detector_roll_deg=float(rng.normal(0, 4))), iso_px
+
+
+def _random_spec(rng, split: str):
+    """A screw spec; shapes vary beyond the catalogue (head size, thread, core, tip)."""
+    from .screw import ScrewSpec
+
+    if split == "test":
+        d = float(rng.choice(TEST_DIAMETERS_MM))
+    else:
+        while True:
+            d = float(np.round(rng.uniform(4.0, 8.5), 1))
+            if all(abs(d - t) > _DIAMETER_GAP_MM for t in TEST_DIAMETERS_MM):
+                break
+    length = float(np.round(rng.uniform(25, 60) / 5) * 5)
+    base = ScrewSpec.from_size(d, length)
+    if split == "test" or rng.random() < 0.35:
+        return base
+    f = {}
+    for name in ("core_diameter_mm", "pitch_mm", "tip_length_mm", "head_diameter_mm", "head_height_mm"):
+        f[name] = getattr(base, name) * float(rng.uniform(0.75, 1.3))
+    f["core_diameter_mm"] = min(f["core_diameter_mm"], 0.92 * d)
+    f["head_diameter_mm"] = max(f["head_diameter_mm"], d + 2.0)
+    f["tip_length_mm"] = min(f["tip_length_mm"], 0.4 * length)
+    try:
+        return dataclasses.replace(base, name=f"var-{d:.1f}x{length:.0f}", **f)
+    except (ValueError, TypeError):
+        return base
+
+
+def _plan(labels, ct, levels, rng):
+    """Bilateral (entry, tip, level, side) per level: planning.plan_screws, or a crude private fallback."""
+    try:
+        from . import planning
+
+        return [(s.entry_mm, s.tip_mm, s.level, s.side)
+                for s in planning.plan_screws(labels, ct, levels=tuple(levels), rng=rng)]
+    except Exception as exc:  # noqa: BLE001 - planning missing or refusing a level: use the fallback
+        print(f"training: planning.plan_screws unavailable for {levels} ({type(exc).__name__}: {exc}); "
+              "using the private fallback trajectories")
+    return _fallback_plan(labels, levels)
+
+
+def _fallback_plan(labels, levels):
+    """Entry posterior-lateral, tip in the anterior body, converging medially (RAS mm)."""
+    out = []
+    name_to_label = {v: k for k, v in labels.names.items()}
+    for lv in levels:
+        if lv not in name_to_label:
+            continue
+        kji = np.argwhere(labels.array == name_to_label[lv])
+        if len(kji) < 50:
+            continue
+        kji = kji[:: max(1, len(kji) // 20000)]
+        ras = (labels.ijk_to_ras @ np.c_[kji[:, ::-1], np.ones(len(kji))].T).T[:, :3]
+        a_hi = np.percentile(ras[:, 1], 98)
+        body = ras[ras[:, 1] > a_hi - 0.45 * (a_hi - np.percentile(ras[:, 1], 2))]
+        c = body.mean(0)
+        half_w = 0.5 * (np.percentile(body[:, 0], 98) - np.percentile(body[:, 0], 2))
+        depth = np.percentile(body[:, 1], 98) - np.percentile(body[:, 1], 2)
+        for side, sgn in (("right", 1.0), ("left", -1.0)):
+            entry = c + np.array([sgn * 0.75 * half_w, -(0.5 * depth + 20.0), 0.0])
+            tip = c + np.array([sgn * 0.15 * half_w, 0.3 * depth, 0.0])
+            out.append((entry, tip, lv, side))
+    return out
+
+
+def _candidate_screws(rng, split, ct, labels, levels, n_free, spec_pool):
+    """Planned bilateral screws (some misplaced, random sizes) plus free-floating screws."""
+    from .screw import Screw, pose_from_entry_tip
+
+    present = [lv for lv in levels if lv in set(labels.names.values())]
+    screws = []
+    for entry, tip, level, side in _plan(labels, ct, present, rng):
+        spec = spec_pool[rng.integers(len(spec_pool))]
+        entry, tip = np.asarray(entry, float), np.asarray(tip, float)
+        axis = (tip - entry) / np.linalg.norm(tip - entry)
+        if rng.random() < 0.3:  # misplacement: tilt the trajectory about the entry and shift it
+            axis = axis + rng.normal(0, 0.15, 3)
+            axis /= np.linalg.norm(axis)
+            entry = entry + rng.normal(0, 3, 3)
+        depth = float(rng.uniform(-4, 6))  # head sunk into / standing off the bone
+        entry = entry + depth * axis
+        T = pose_from_entry_tip(entry, entry + spec.length_mm * axis, roll_deg=float(rng.uniform(0, 360)))
+        screws.append(Screw(spec=spec, T_world_from_screw=T, id=f"{level}-{side}", level=level, side=side))
+    # free screws anywhere near the spine, any orientation (other surgeons, other anatomy)
+    centre = np.asarray(labels.center_ras, float)
+    for k in range(n_free):
+        spec = spec_pool[rng.integers(len(spec_pool))]
+        entry = centre + rng.normal(0, [30, 30, 70])
+        axis = rng.normal(0, 1, 3)
+        axis /= np.linalg.norm(axis)
+        T = pose_from_entry_tip(entry, entry + spec.length_mm * axis, roll_deg=float(rng.uniform(0, 360)))
+        screws.append(Screw(spec=spec, T_world_from_screw=T, id=f"free{k}", level=None, side=None))
+    return screws
+
+
+def build_bank(path, n_views: int, seed: int, split: str = "train", device="cpu", progress=True) -> dict:
+    """Compute and save (``.npz``) the cached per-view line integrals and per-screw path lengths.
+
+    Returns the bank as a dict of arrays (see :func:`load_or_build_bank`).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from . import ct as ctmod
+    from . import xray
+
+    rng = np.random.default_rng(seed)
+    ct, labels = ctmod.example_ct()
+    pct = xray.prepare_ct(ctmod.material_volumes(ct), device=device)
+    levels = TRAIN_LEVELS if split == "train" else TEST_LEVELS
+    # a pool of screw shapes: each new shape costs ~1 s (its attenuation volume), reuse costs nothing
+    spec_pool = [_random_spec(rng, split) for _ in range(24 if split == "train" else 8)]
+    views, soft, bone, px_iso = [], [], [], []
+    scr_view, scr_box, scr_head, scr_shaft, scr_side, scr_level, scr_head_px = [], [], [], [], [], [], []
+    it = tqdm(range(n_views), desc=f"bank ({split})", disable=not progress)
+    for vi in it:
+        view, iso_px = _random_view(rng, split, labels.center_ras)
+        # binning 2: anatomy is smooth at this scale, screws (below) are traced at full resolution
+        li = xray.ct_line_integrals(pct, view, device=device, binning=2)
+        views.append(np.concatenate([view.P.ravel(), [view.width, view.height]]))
+        px_iso.append(iso_px)
+        soft.append(_np(li["soft"]).astype(np.float16))
+        bone.append(_np(li["bone"]).astype(np.float16))
+        screws = _candidate_screws(rng, split, ct, labels, levels, int(rng.integers(2, 6)), spec_pool)
+        for s in screws:
+            h, sh = xray.screw_path_lengths([s], view, device=device)
+            h, sh = _np(h), _np(sh)
+            occ = (h > xray.LABEL_THRESHOLD_MM) | (sh > xray.LABEL_THRESHOLD_MM)
+            if not occ.any():
+                continue
+            vv, uu = np.nonzero(occ)
+            v0, v1, u0, u1 = vv.min(), vv.max() + 1, uu.min(), uu.max() + 1
+            scr_view.append(vi)
+            scr_box.append((v0, v1, u0, u1))
+            scr_head.append(h[v0:v1, u0:u1].astype(np.float16))
+            scr_shaft.append(sh[v0:v1, u0:u1].astype(np.float16))
+            scr_side.append({"left": 0, "right": 1}.get(s.side, 2))
+            scr_level.append(s.level or "")
+            hp = segmentation_project_head(view, s)
+            scr_head_px.append(hp)
+        it.set_postfix(screws=len(scr_view))
+    # ragged crops packed into flat arrays
+    sizes = np.array([a.size for a in scr_head], np.int64)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    bank = {
+        "split": np.array(split), "seed": np.array(seed),
+        "views": np.stack(views), "px_iso_mm": np.array(px_iso, np.float32), "soft": np.stack(soft), "bone": np.stack(bone),
+        "scr_view": np.array(scr_view, np.int32), "scr_box": np.array(scr_box, np.int32).reshape(-1, 4),
+        "scr_off": offs, "scr_head": np.concatenate([a.ravel() for a in scr_head]) if scr_head else np.zeros(0, np.float16),
+        "scr_shaft": np.concatenate([a.ravel() for a in scr_shaft]) if scr_shaft else np.zeros(0, np.float16),
+        "scr_side": np.array(scr_side, np.int8), "scr_level": np.array(scr_level),
+        "scr_head_px": np.array(scr_head_px, np.float32).reshape(-1, 2),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **bank)
+    os.replace(tmp, path)
+    del torch
+    return bank
+
+
+def segmentation_project_head(view, screw) -> tuple[float, float]:
+    """Pixel (u, v) of the screw's head centre (for rods between heads)."""
+    from . import geometry
+
+    c = screw.to_world(np.array([[0.0, 0.0, -0.5 * screw.spec.head_height_mm]]))
+    uv = geometry.project(view.P, c)[0]
+    return float(uv[0]), float(uv[1])
+
+
+def _np(t):
+    try:
+        import torch
+
+        if isinstance(t, torch.Tensor):
+            return t.detach().cpu().float().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(t, dtype=np.float32)
+
+
+def load_or_build_bank(path, n_views: int, seed: int, split: str = "train", device="cpu") -> dict:
+    """The bank at ``path`` if it was built with the same split and seed, else build it."""
+    path = Path(path)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            bank = {k: z[k] for k in z.files}
+        if str(bank["split"]) == split and int(bank["seed"]) == seed and len(bank["views"]) >= n_views:
+            return bank
+    return build_bank(path, n_views, seed, split=split, device=device)
+
+
+def _bank_screw(bank, k):
+    v0, v1, u0, u1 = bank["scr_box"][k]
+    a, b = bank["scr_off"][k], bank["scr_off"][k + 1]
+    shape = (v1 - v0, u1 - u0)
+    return (v0, v1, u0, u1), bank["scr_head"][a:b].reshape(shape), bank["scr_shaft"][a:b].reshape(shape)
+
+
+# =========================================================================== physics
+class _Physics:
+    """Spectra (spekpy) on a kVp grid and mass attenuation (xraydb via ct) on their energy bins."""
+
+    KVPS = (60, 70, 80, 90, 100, 110, 120)
+    FILTRATION_MM_AL = (2.5, 4.0, 6.0)
+
+    def __init__(self):
+        from . import ct as ctmod
+        import spekpy
+
+        self.spectra = {}
+        for kvp in self.KVPS:
+            for filt in self.FILTRATION_MM_AL:
+                s = spekpy.Spek(kvp=kvp, th=12, dk=4)
+                s.filter("Al", filt)
+                k, f = s.get_spectrum()
+                keep = k >= 15
+                k, f = k[keep], f[keep]
+                w = f * k  # energy-integrating detector
+                self.spectra[(kvp, filt)] = (k.astype(np.float64), (w / w.sum()).astype(np.float64))
+        self.mu = {}
+        for (kvp, filt), (k, _w) in self.spectra.items():
+            self.mu[(kvp, filt)] = {m: ctmod.mass_attenuation_cm2_g(m, k) for m in ("soft", "bone", "titanium", "steel")}
+        self.ti_density = ctmod.DENSITY_G_CM3.get("titanium", 4.43)
+        self.steel_density = ctmod.DENSITY_G_CM3.get("steel", 7.9)
+
+
+_PHYSICS = None
+
+
+def _physics():
+    global _PHYSICS
+    if _PHYSICS is None:
+        _PHYSICS = _Physics()
+    return _PHYSICS
+
+
+# =========================================================================== samples
+def render_sample(bank, rng, out_px: int = CROP_PX, full_view: bool = False, style: dict | None = None):
+    """One simulated X-ray and its label map from the bank.
+
+    Returns ``(image, labels, metal)``: ``image`` uint8/uint16 ``[v, u]`` as a file
+    would hold it, ``labels`` uint8 (0/1/2), ``metal`` "bright"/"dark".
+    ``full_view=True`` renders the whole bank view at its own size (for tests and
+    benchmarks); otherwise a random zoomed/rotated ``out_px`` crop.  ``style``
+    overrides random choices (keys: ``n_screws``, ``metal``, ``dose``, ``lateral``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    style = dict(style or {})
+    nv = len(bank["views"])
+    vi = int(rng.integers(nv))
+    H, W = bank["soft"][vi].shape
+    # ---- screws: a random subset among this view's candidates
+    cand = np.nonzero(bank["scr_view"] == vi)[0]
+    n = style.get("n_screws")
+    if n is None:
+        n = int(rng.choice([0, 1, 2, 3, 4, 6, 8, 10, 12], p=[.08, .1, .1, .1, .16, .14, .12, .1, .1]))
+    n = min(n, len(cand))
+    chosen = rng.choice(cand, size=n, replace=False) if n else np.zeros(0, int)
+    head = np.zeros((H, W), np.float32)
+    shaft = np.zeros((H, W), np.float32)
+    for k in chosen:
+        (v0, v1, u0, u1), h, s = _bank_screw(bank, int(k))
+        head[v0:v1, u0:u1] += h
+        shaft[v0:v1, u0:u1] += s
+    thr = _label_threshold_mm()
+    labels = np.where(head > thr, 1, np.where(shaft > thr, 2, 0)).astype(np.uint8)
+    # ---- distractors (mm of steel / titanium along the rays), drawn at bank resolution
+    px_mm_iso = float(bank["px_iso_mm"][vi])
+    steel, ti_extra = _distractors(rng, (H, W), px_mm_iso, bank["scr_head_px"][chosen], bank["scr_side"][chosen])
+    chans = np.stack([bank["soft"][vi].astype(np.float32), bank["bone"][vi].astype(np.float32),
+                      head + shaft + ti_extra, steel, labels.astype(np.float32)])
+    # ---- geometry: zoom / rotate / flip / crop (one affine resampling of every channel)
+    if full_view:
+        out_h, out_w = H, W
+        crop = chans
+    else:
+        out_h = out_w = out_px
+        theta = _random_affine(rng, (H, W), out_px, bank["scr_head_px"][chosen] if n else None)
+        t = torch.from_numpy(chans)[None]
+        grid = F.affine_grid(torch.from_numpy(theta)[None].float(), (1, 5, out_h, out_w), align_corners=False)
+        phys = F.grid_sample(t[:, :4], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        lab = F.grid_sample(t[:, 4:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        crop = torch.cat([phys, lab], 1)[0].numpy()
+    labels = crop[4].round().astype(np.uint8)
+    image, field, metal = _physics_and_display(rng, crop[0], crop[1], crop[2], crop[3], style)
+    labels[~field] = 0  # nothing is visible in the unexposed surround
+    return image, labels, metal
+
+
+def _label_threshold_mm():
+    from . import xray
+
+    return float(getattr(xray, "LABEL_THRESHOLD_MM", 0.05))
+
+
+def _random_affine(rng, shape, out_px, heads_uv):
+    """affine_grid theta (output normalised coords → input normalised coords)."""
+    H, W = shape
+    zoom = float(np.exp(rng.uniform(np.log(0.55), np.log(1.8))))   # input px per output px
+    ang = float(rng.uniform(0, 2 * np.pi)) if rng.random() < 0.5 else float(rng.normal(0, 0.2))
+    flip = -1.0 if rng.random() < 0.5 else 1.0
+    half_in = zoom * out_px / 2.0
+    if heads_uv is not None and len(heads_uv) and rng.random() < 0.8:
+        c = heads_uv[rng.integers(len(heads_uv))] + rng.normal(0, 0.35 * half_in, 2)
+    else:
+        c = np.array([rng.uniform(0.2, 0.8) * W, rng.uniform(0.2, 0.8) * H])
+    c = np.clip(c, [0, 0], [W - 1, H - 1])
+    # output normalised (x, y) in [-1, 1] → input pixels: c + R S (x, y) * half_in
+    ca, sa = np.cos(ang), np.sin(ang)
+    A = half_in * np.array([[ca * flip, -sa], [sa * flip, ca]])
+    # pixels → input normalised: (p + 0.5) / W * 2 - 1
+    theta = np.zeros((2, 3))
+    theta[0, :2] = A[0] * 2 / W
+    theta[1, :2] = A[1] * 2 / H
+    theta[0, 2] = (c[0] + 0.5) * 2 / W - 1
+    theta[1, 2] = (c[1] + 0.5) * 2 / H - 1
+    return theta
+
+
+def _distractors(rng, shape, px_mm, heads_uv, sides):
+    """2D maps (mm of steel, mm of extra titanium) of non-screw metal."""
+    H, W = shape
+    steel = np.zeros(shape, np.float32)
+    ti = np.zeros(shape, np.float32)
+    vv, uu = np.mgrid[0:H, 0:W].astype(np.float32)
+
+    def seg_dist(p, q):
+        d = q - p
+        L2 = float(d @ d) + 1e-9
+        tt = np.clip(((uu - p[0]) * d[0] + (vv - p[1]) * d[1]) / L2, 0, 1)
+        return np.hypot(uu - (p[0] + tt * d[0]), vv - (p[1] + tt * d[1]))
+
+    def cylinder(p, q, radius_mm):  # path length through a cylinder seen side-on
+        r = radius_mm / px_mm
+        dist = seg_dist(p, q)
+        return 2 * np.sqrt(np.clip(r * r - dist * dist, 0, None)) * px_mm
+
+    def rand_pt(margin=0.1):
+        return np.array([rng.uniform(margin, 1 - margin) * W, rng.uniform(margin, 1 - margin) * H])
+
+    # rods between the heads of one side (a posterior construct)
+    if len(heads_uv) >= 2 and rng.random() < 0.35:
+        for side in (0, 1):
+            pts = heads_uv[sides == side]
+            if len(pts) >= 2:
+                order = np.argsort(pts[:, 1])
+                pts = pts[order]
+                r = rng.uniform(2.5, 3.2)
+                ext = (pts[-1] - pts[0]) * rng.uniform(0.02, 0.12)
+                ti += cylinder(pts[0] - ext, pts[-1] + ext, r)
+    if rng.random() < 0.25:   # K-wires / guide wires
+        for _ in range(rng.integers(1, 4)):
+            p = rand_pt(0.0)
+            q = p + rng.normal(0, 1, 2) * rng.uniform(0.3, 1.0) * max(H, W)
+            steel += cylinder(p, q, rng.uniform(0.5, 1.25))
+    if rng.random() < 0.15:   # retractor blades / clamps: long flat steel bars with a few holes
+        for _ in range(rng.integers(1, 3)):
+            p = rand_pt(0.0)
+            q = p + rng.normal(0, 1, 2) * rng.uniform(0.2, 0.6) * max(H, W)
+            d = seg_dist(p, q)
+            w = rng.uniform(4, 15) / px_mm
+            steel += np.where(d < w, rng.uniform(1.0, 3.0), 0).astype(np.float32)
+    if rng.random() < 0.2:    # ECG electrodes with leads
+        for _ in range(rng.integers(1, 4)):
+            c = rand_pt(0.05)
+            r = rng.uniform(4, 8) / px_mm
+            steel += np.where(np.hypot(uu - c[0], vv - c[1]) < r, rng.uniform(0.2, 0.8), 0).astype(np.float32)
+            q = c + rng.normal(0, 1, 2) * max(H, W)
+            steel += cylinder(c, q, 0.5) * 0.5
+    if rng.random() < 0.12:   # calibration phantom beads: a grid of small steel spheres
+        c0 = rand_pt(0.1)
+        step = rng.uniform(8, 20) / px_mm
+        r = rng.uniform(1.0, 2.5) / px_mm
+        for i in range(-3, 4):
+            for j in range(-3, 4):
+                c = c0 + step * np.array([i, j])
+                d2 = (uu - c[0]) ** 2 + (vv - c[1]) ** 2
+                steel += 2 * np.sqrt(np.clip(r * r - d2, 0, None)) * px_mm
+    if rng.random() < 0.12:   # table edge / rail: a half plane of metal
+        n = rng.normal(0, 1, 2)
+        n /= np.linalg.norm(n)
+        c = rand_pt(0.0)
+        steel += np.where((uu - c[0]) * n[0] + (vv - c[1]) * n[1] > 0, rng.uniform(0.5, 3.0), 0).astype(np.float32)
+    return steel, ti
+
+
+def _gauss(x, sigma):
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(x, sigma, mode="nearest") if sigma > 0.05 else x
+
+
+def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
+    """Polychromatic intensity, noise, scatter, blur, then the display transform and quantisation."""
+    ph = _physics()
+    kvp = ph.KVPS[rng.integers(len(ph.KVPS))]
+    filt = ph.FILTRATION_MM_AL[rng.integers(len(ph.FILTRATION_MM_AL))]
+    E, w = ph.spectra[(kvp, filt)]
+    mu = ph.mu[(kvp, filt)]
+    ti_scale = float(rng.uniform(0.75, 1.25))   # other alloys, other renderers' titanium
+    tissue_scale = float(rng.uniform(0.7, 1.4))  # thinner / thicker patients
+    ti_g = ti_mm * 0.1 * ph.ti_density * ti_scale
+    st_g = steel_mm * 0.1 * ph.steel_density
+    soft = soft * tissue_scale
+    bone = bone * float(rng.uniform(0.8, 1.2)) * tissue_scale
+    # sum over energy bins; attenuation exponent per bin
+    I = np.zeros(soft.shape, np.float64)
+    for e_i in range(len(E)):
+        a = mu["soft"][e_i] * soft + mu["bone"][e_i] * bone + mu["titanium"][e_i] * ti_g + mu["steel"][e_i] * st_g
+        I += w[e_i] * np.exp(-np.minimum(a, 60.0))
+    I = I.astype(np.float32)
+    # scatter: a smooth, low-frequency addition
+    sf = float(rng.uniform(0.0, 0.5))
+    if sf > 0:
+        I = I + sf * _gauss(I, rng.uniform(15, 40)) * float(I.mean() / max(I.mean(), 1e-9))
+    # quantum noise at a dose of N0 photons per unattenuated pixel
+    dose = style.get("dose")
+    N0 = float(dose) if dose is not None else float(np.exp(rng.uniform(np.log(400), np.log(30000))))
+    I = np.clip(I + np.sqrt(np.clip(I, 1e-9, None) / N0) * rng.standard_normal(I.shape).astype(np.float32), 1e-6, None)
+    I = _gauss(I, float(rng.uniform(0.0, 1.4)))
+    # vignetting (image intensifier brightness fall-off)
+    h, w_ = I.shape
+    vv, uu = np.mgrid[0:h, 0:w_].astype(np.float32)
+    r2 = ((uu - w_ / 2) ** 2 + (vv - h / 2) ** 2) / (0.5 * max(h, w_)) ** 2
+    I = I * (1 - rng.uniform(0, 0.35) * r2)
+    I = np.clip(I, 1e-6, None)
+    # display domain: attenuation (log) or linear intensity, in the chosen polarity
+    metal = style.get("metal") or ("bright" if rng.random() < 0.55 else "dark")
+    if rng.random() < 0.7:
+        att = -np.log(I)
+    else:
+        att = -I  # linear display
+    d = att if metal == "bright" else -att
+    # window/level with some saturation at either end, then tone curve
+    lo_p, hi_p = rng.uniform(0, 5), rng.uniform(97, 100)
+    lo, hi = np.percentile(d, [lo_p, hi_p])
+    x = np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1)
+    x = x ** float(np.exp(rng.normal(0, 0.35)))
+    if rng.random() < 0.3:   # S-shaped monitor curve
+        k = rng.uniform(3, 8)
+        x = 1 / (1 + np.exp(-k * (x - 0.5)))
+        x = (x - x.min()) / max(x.max() - x.min(), 1e-6)
+    if rng.random() < 0.4:   # edge enhancement (unsharp mask), common on fluoroscopy
+        x = x + rng.uniform(0.3, 1.5) * (x - _gauss(x, rng.uniform(2, 8)))
+    x = np.clip(x, 0, 1)
+    # exposed field: image intensifier circle or collimated square field
+    field = np.ones(x.shape, bool)
+    fr = rng.random()
+    if fr < 0.4:
+        cx, cy = w_ / 2 + rng.normal(0, 0.05 * w_), h / 2 + rng.normal(0, 0.05 * h)
+        rad = rng.uniform(0.42, 0.62) * min(h, w_)
+        rr = np.hypot(uu - cx, vv - cy)
+        field = rr < rad
+        edge = np.clip((rad - rr) / 3.0, 0, 1)  # a soft rim
+        x = x * edge
+    elif fr < 0.55:
+        m = [int(rng.uniform(0, 0.2) * s) for s in (h, h, w_, w_)]
+        field[: m[0], :] = field[h - m[1]:, :] = False
+        field[:, : m[2]] = field[:, w_ - m[3]:] = False
+        x = np.where(field, x, 0.0)
+    if rng.random() < 0.35:
+        x = _burn_text(rng, x)
+    bits = 16 if rng.random() < 0.4 else 8
+    top = (1 << bits) - 1 if rng.random() < 0.8 else int(rng.uniform(0.3, 0.9) * ((1 << bits) - 1))
+    img = np.round(np.clip(x, 0, 1) * top).astype(np.uint16 if bits == 16 else np.uint8)
+    return img, field, metal
+
+
+def _burn_text(rng, x):
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = x.shape
+    im = Image.fromarray((x * 255).astype(np.uint8))
+    dr = ImageDraw.Draw(im)
+    try:
+        font = ImageFont.load_default(size=int(rng.uniform(9, 22)))
+    except TypeError:  # older Pillow
+        font = ImageFont.load_default()
+    val = 255 if rng.random() < 0.8 else 0
+    for _ in range(rng.integers(1, 4)):
+        txt = rng.choice(["L", "R", "AP", "LAT", "12:34:56", "kV 78 mA 2.1", "PATIENT", "FLUORO", "2024-06-11", "x1.5"])
+        dr.text((int(rng.uniform(0, 0.8) * w), int(rng.uniform(0, 0.9) * h)), str(txt), fill=val, font=font)
+    if rng.random() < 0.4:  # a ruler / crosshair marker
+        c = (int(rng.uniform(0.2, 0.8) * w), int(rng.uniform(0.2, 0.8) * h))
+        s = int(rng.uniform(5, 15))
+        dr.line([(c[0] - s, c[1]), (c[0] + s, c[1])], fill=val)
+        dr.line([(c[0], c[1] - s), (c[0], c[1] + s)], fill=val)
+    mark = np.asarray(im, np.float32) / 255.0
+    changed = np.asarray(im) != (x * 255).astype(np.uint8)
+    return np.where(changed, mark, x)
+
+
+def training_pair(bank, rng, out_px: int = CROP_PX, p_wrong_hint: float = 0.1):
+    """Network input ``float32 [1, h, w]`` (via ``segmentation.preprocess``) and labels ``int64 [1, h, w]``."""
+    image, labels, metal = render_sample(bank, rng, out_px=out_px)
+    hint = metal if rng.random() >= p_wrong_hint else ("dark" if metal == "bright" else "bright")
+    x = segmentation.preprocess(image.astype(np.float32), metal=hint)
+    if rng.random() < 0.15:  # extra noise after windowing: other detectors, other renderers
+        x = x + rng.normal(0, rng.uniform(0.01, 0.08), x.shape).astype(np.float32)
+    return x[None].astype(np.float32), labels[None].astype(np.int64)
+
+
+# =========================================================================== training loop
+def _iterable_dataset_base():
+    import torch
+
+    return torch.utils.data.IterableDataset
+
+
+class _PairStream(_iterable_dataset_base()):
+    """Infinite iterable of training batches; each DataLoader worker gets its own seed."""
+
+    def __init__(self, bank_path, seed, batch_size):
+        super().__init__()
+        self.bank_path = str(bank_path)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.start = 0
+
+    def __iter__(self):
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        with np.load(self.bank_path, allow_pickle=False) as z:
+            bank = {k: z[k] for k in z.files}
+        k = self.start
+        while True:
+            rng = np.random.default_rng([self.seed, wid, k])
+            xs, ys = zip(*[training_pair(bank, rng) for _ in range(self.batch_size)])
+            k += 1
+            yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
+    """Dice of head (1) and shaft (2) for one image; NaN where the class is absent in both."""
+    out = {}
+    for c, name in ((1, "head"), (2, "shaft")):
+        p, t = pred_labels == c, true_labels == c
+        s = p.sum() + t.sum()
+        out[name] = float(2 * (p & t).sum() / s) if s else float("nan")
+    return out
+
+
+def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
+          device="cpu", resume: bool = False, batch_size: int = 8, lr: float = 2e-3, n_bank_views: int = 48,
+          bank_path=None, workers: int = 1, threads: int = 2, log_every: int = 25, ckpt_every: int = 100,
+          progress: bool = True) -> Path:
+    """Train the U-Net; returns the path of the final weights (``out_dir/screw_unet.pt``).
+
+    Stops after ``steps`` optimiser steps or ``minutes`` of wall time, whichever
+    first (at least one must be given).  Checkpoints (model, optimiser, step,
+    RNG seeds) go to ``out_dir/checkpoint.pt`` every ``ckpt_every`` steps and at the
+    end; ``resume=True`` continues from it.  Logs: ``out_dir/log.csv`` and
+    ``out_dir/log.jsonl`` every ``log_every`` steps.
+    """
+    import torch
+    from monai.losses import DiceCELoss
+    from tqdm import tqdm
+
+    if steps is None and minutes is None:
+        raise ValueError("train: give --steps or --minutes (or both)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, int(threads)))
+    torch.manual_seed(seed)
+    bank_path = Path(bank_path) if bank_path else out / f"bank_train_{seed}.npz"
+    load_or_build_bank(bank_path, n_bank_views, seed, split="train", device=device)
+
+    model = segmentation.build_model().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    total_steps = int(steps) if steps is not None else 10_000_000
+    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, lambda_ce=1.0, lambda_dice=1.0)
+    step, elapsed0 = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        st = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed0 = int(st["step"]), float(st["elapsed_s"])
+        print(f"resumed from {ckpt} at step {step}")
+    elif resume:
+        print(f"no checkpoint at {ckpt}; starting fresh")
+
+    stream = _PairStream(bank_path, seed, batch_size)
+    stream.start = step
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                             persistent_workers=False)
+    else:
+        loader = stream
+    t0 = time.time() - elapsed0
+    budget_s = float(minutes) * 60 if minutes is not None else float("inf")
+
+    def lr_at(step_, elapsed_):
+        # warm-up, then cosine decay over whichever budget (steps or minutes) runs out first
+        frac = max(step_ / total_steps if steps is not None else 0.0,
+                   elapsed_ / budget_s if minutes is not None else 0.0)
+        warm = min(1.0, (step_ + 1) / 100.0)
+        return lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    logf = open(out / "log.csv", "a", encoding="utf-8")
+    if logf.tell() == 0:
+        logf.write("step,elapsed_s,loss,dice_head,dice_shaft,lr\n")
+    jl = open(out / "log.jsonl", "a", encoding="utf-8")
+    run_loss, run_dh, run_ds, run_n = 0.0, [], [], 0
+    bar = tqdm(total=total_steps if steps is not None else None, initial=step, desc="train", disable=not progress)
+
+    def save_ckpt():
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "step": step, "elapsed_s": time.time() - t0, "seed": seed}, tmp)
+        os.replace(tmp, ckpt)
+
+    model.train()
+    for xb, yb in loader:
+        if step >= total_steps or time.time() - t0 > budget_s:
+            break
+        xb, yb = xb.to(device), yb.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, time.time() - t0)
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        step += 1
+        run_loss += float(loss)
+        run_n += 1
+        with torch.no_grad():
+            pred = logits.argmax(1).cpu().numpy()
+            for p, t in zip(pred, yb[:, 0].cpu().numpy()):
+                d = dice_per_class(p, t)
+                if not math.isnan(d["head"]):
+                    run_dh.append(d["head"])
+                if not math.isnan(d["shaft"]):
+                    run_ds.append(d["shaft"])
+        bar.update(1)
+        if step % log_every == 0:
+            rec = {"step": step, "elapsed_s": round(time.time() - t0, 1), "loss": run_loss / run_n,
+                   "dice_head": float(np.mean(run_dh)) if run_dh else float("nan"),
+                   "dice_shaft": float(np.mean(run_ds)) if run_ds else float("nan"),
+                   "lr": float(opt.param_groups[0]["lr"])}
+            logf.write(",".join(str(rec[k]) for k in ("step", "elapsed_s", "loss", "dice_head", "dice_shaft", "lr")) + "\n")
+            logf.flush()
+            jl.write(json.dumps(rec) + "\n")
+            jl.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", head=f"{rec['dice_head']:.2f}", shaft=f"{rec['dice_shaft']:.2f}")
+            run_loss, run_dh, run_ds, run_n = 0.0, [], [], 0
+        if step % ckpt_every == 0:
+            save_ckpt()
+    bar.close()
+    save_ckpt()
+    logf.close()
+    jl.close()
+    model.eval()
+    meta = {"seed": seed, "steps": step, "elapsed_s": round(time.time() - t0, 1), "batch_size": batch_size,
+            "crop_px": CROP_PX, "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views}
+    weights = out / "screw_unet.pt"
+    segmentation.save_weights(model.cpu(), weights, meta=meta)
+    print(f"wrote {weights} after {step} steps")
+    return weights
+
+
+# =========================================================================== CLI
+def add_train_segmentation_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, screw_unet.pt)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED}, the shipped model's)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: until --minutes)")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-time budget in minutes")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--bank-views", type=int, default=48, help="number of cached random views")
+    parser.add_argument("--workers", type=int, default=1, help="data-generating worker processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the training process")
+
+
+def train_segmentation_command(args) -> int:
+    if args.steps is None and args.minutes is None:
+        raise ValueError("train-segmentation: give --steps N and/or --minutes M")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError("--steps must be >= 1")
+    train(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes, device=args.device,
+          resume=args.resume, batch_size=args.batch_size, lr=args.lr, n_bank_views=args.bank_views,
+          workers=args.workers, threads=args.threads)
+    return 0
