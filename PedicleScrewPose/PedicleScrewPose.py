@@ -44,6 +44,8 @@ REQUIRED_PACKAGES = {
     "PIL": "pillow",
     "tqdm": "tqdm",
 }
+# Same name as PedicleScrewPoseLib.mrml.ATTR_PROJECTION_MATRIX (checked by the static test).
+PROJECTION_MATRIX_ATTRIBUTE = "PedicleScrewPose.ProjectionMatrix"
 # Only the self-test's simulator needs these (X-ray spectra and attenuation tables).
 SIMULATOR_PACKAGES = {"xraydb": "xraydb", "spekpy": "spekpy"}
 
@@ -244,16 +246,23 @@ class PedicleScrewPoseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.jumpToScrew(table, index.row())
 
     def _ensurePackages(self, simulator: bool) -> bool:
-        """Ask, then install the Python packages the core needs; False if the user declines."""
+        """Ask, then install the Python packages the core needs; False if they are still missing."""
         missing = self.logic.missingPackages(simulator=simulator)
         if not missing:
             return True
-        text = _("Pedicle Screw Pose needs these Python packages, not installed yet:") + "\n\n  " + \
-            "\n  ".join(missing) + "\n\n" + _("Install them now? (a few minutes; torch is large)")
-        if not slicer.util.confirmOkCancelDisplay(text, _("Install Python packages")):
-            return False
-        self.logic.installPackages(missing)
-        return True
+        try:
+            import slicer.packaging as packaging  # Slicer 5.11+: checks, asks, installs with progress
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure(missing, requester=_("Pedicle Screw Pose"))
+        else:
+            text = _("Pedicle Screw Pose needs these Python packages, not installed yet:") + "\n\n  " + \
+                "\n  ".join(missing) + "\n\n" + _("Install them now? (a few minutes; torch is large)")
+            if not slicer.util.confirmOkCancelDisplay(text, _("Install Python packages")):
+                return False
+            self.logic.installPackages(missing)
+        return not self.logic.missingPackages(simulator=simulator)
 
 
 #
@@ -285,14 +294,8 @@ class PedicleScrewPoseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def installPackages(requirements) -> None:
-        """Install with Slicer's own pip (``slicer.packaging`` on Slicer 5.11+, else ``pip_install``)."""
-        if not requirements:
-            return
-        try:
-            import slicer.packaging as packaging  # Slicer 5.11+
-
-            packaging.pip_ensure(list(requirements))
-        except (ImportError, AttributeError):
+        """Install into Slicer's Python with its own pip (no questions asked: the Widget asks first)."""
+        if requirements:
             slicer.util.pip_install(" ".join(requirements))
 
     # -- scene
@@ -302,8 +305,12 @@ class PedicleScrewPoseLogic(ScriptedLoadableModuleLogic):
 
         return mrml
 
-    def xrayVolumesInScene(self) -> list:
-        return self.mrml().xray_volume_nodes(slicer.mrmlScene)
+    @staticmethod
+    def xrayVolumesInScene() -> list:
+        """Scalar volumes carrying a projection matrix (read here: the core may not be importable yet)."""
+        nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+        return [n for n in nodes if n.GetAttribute(PROJECTION_MATRIX_ATTRIBUTE)
+                and not n.IsA("vtkMRMLLabelMapVolumeNode")]
 
     def loadCase(self, caseFileOrFolder: str):
         """Read a case folder (or its case.json) into the scene; returns ``mrml.CaseNodes``."""
@@ -398,7 +405,8 @@ class PedicleScrewPoseTest(ScriptedLoadableModuleTest):
 
         ct, labels = ctmod.example_ct()
         caseDir = os.path.join(folder, "case")
-        simulate.simulate_case(caseDir, ct, labels, seed=7, view_names=("ap", "lat"))
+        # Two instrumented levels, two views, the CT and labels copied into the case.
+        simulate.simulate_case(caseDir, ct, labels, seed=7, view_names=("ap", "lat"), n_levels=2, with_ct=True)
         return io.read_case(caseDir), io.read_truth(caseDir)
 
     def _truthAsResult(self, truth):

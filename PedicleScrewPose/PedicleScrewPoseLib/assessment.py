@@ -138,6 +138,8 @@ def assess_screw(screw: dict, anatomy: "Anatomy", pose_sigma=None, where: str = 
     sigma = _sigma_for(screw, pose_sigma)
     g = grade_from_breach_mm(b["max_mm"])
     lo, hi = grade_range(b["signed_mm"], sigma)
+    if b["beyond_scan_fraction"] > 0:
+        hi = "E"  # part of the screw is outside the scan: any breach there is possible
     out["breach"] = {
         "grade": g,
         "max_mm": round(b["max_mm"], 3),
@@ -149,6 +151,7 @@ def assess_screw(screw: dict, anatomy: "Anatomy", pose_sigma=None, where: str = 
         "sigma_mm": None if sigma is None else round(float(sigma), 3),
         "directions_mm": {k: round(v, 3) for k, v in b["directions_mm"].items()},
         "bone": anatomy.bone,
+        "beyond_scan": b["beyond_scan_fraction"] > 0,
     }
     out["trajectory"] = vert.trajectory(entry, tip, side)
     return out
@@ -339,28 +342,26 @@ class Anatomy:
         """(vertebra label holding most of the shaft, fraction of shaft samples in it).
 
         Samples the shaft volume (axis and a ring at half the radius, every
-        0.5 mm). When no vertebra holds half of it (a screw far out of its
-        pedicle, in a disc or between levels), the candidates (vertebrae holding
-        any sample, and the two whose centroids are nearest the shaft's middle)
-        are ranked by how far the shaft lies outside each (mean positive signed
-        distance of the samples): the vertebra the screw is least out of.
+        0.5 mm) and takes the vertebra label holding most samples. When no
+        sample is in any vertebra (a screw entirely out of bone), the nearer of
+        the two vertebrae whose centroids are nearest the shaft's middle, by how
+        far the shaft lies outside each (mean positive signed distance of the
+        samples); fraction 0.
         """
         entry = np.asarray(entry, float)
         axis = np.asarray(axis, float)
         pts = _shaft_samples(entry, axis, float(length_mm), float(radius_mm))
         lab = self.label_at(pts)
         counts = {int(v): int(np.count_nonzero(lab == v)) for v in np.unique(lab) if int(v) in self.boxes}
-        best = max(counts, key=lambda v: (counts[v], -v)) if counts else None
-        if best is not None and counts[best] >= 0.5 * len(pts):
+        if counts:
+            best = max(counts, key=lambda v: (counts[v], -v))
             return best, counts[best] / len(pts)
         mid = entry + 0.5 * float(length_mm) * axis
         near = sorted(self.centroids, key=lambda v: np.linalg.norm(self.centroids[v] - mid))[:2]
-        candidates = sorted(set(counts) | set(near))
-        if not candidates:
+        if not near:
             return None, 0.0
-        outside = {v: float(np.mean(np.maximum(self.vertebra(v).signed_distance_mm(pts), 0.0))) for v in candidates}
-        best = min(candidates, key=lambda v: (outside[v], -counts.get(v, 0)))
-        return int(best), counts.get(best, 0) / len(pts)
+        outside = {v: float(np.mean(np.maximum(self.vertebra(v).signed_distance_mm(pts), 0.0))) for v in near}
+        return int(min(near, key=lambda v: outside[v])), 0.0
 
     def neighbours(self, label: int) -> tuple[int | None, int | None]:
         """(label of the vertebra above, label below) among those present, by name order."""
@@ -403,7 +404,9 @@ class Vertebra:
         lo = [max(s.start - m, 0) for s, m in zip(sl, margin)]
         hi = [min(s.stop + m, n) for s, m, n in zip(sl, margin, shape)]
         crop = (A._arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == self.label).astype(np.float32)
-        factors = [max(1, int(round(sp / A.voxel_mm))) for sp in A.spacing[::-1]]  # (k, j, i)
+        # Odd factors: no fine sample falls half-way between two label voxels, where the interpolated
+        # indicator is exactly 0.5 and the ">= 0.5" rule would push the surface outwards.
+        factors = [_odd_factor(sp / A.voxel_mm) for sp in A.spacing[::-1]]  # (k, j, i)
         fine = crop
         for ax, f in enumerate(factors):
             fine = _upsample_linear(fine, ax, f)
@@ -605,6 +608,12 @@ class Vertebra:
         pts, normals = _envelope(np.asarray(entry, float), np.asarray(axis, float), float(length_mm), float(radius_mm))
         d = self.signed_distance_mm(pts)
         signed = float(d.max())
+        # Envelope points beyond the label volume's extent: nothing is known there (a vertebra cut by
+        # the scan's field of view); the distance field just continues the edge.
+        A = self.anatomy
+        ijk = A._ras_to_ijk(pts)
+        n = np.array(A._arr.shape[::-1], float)
+        beyond = float(np.mean(np.any((ijk < -0.5) | (ijk > n - 0.5), axis=1)))
         R = self.T_world_from_vertebra[:3, :3]
         n_frame = normals @ R  # (right, anterior, superior) components
         s = 1.0 if side == "right" else -1.0
@@ -626,7 +635,8 @@ class Vertebra:
             w = np.maximum(d - CONTAINED_TOLERANCE_MM, 0.0) ** 2
             mean_dir = (w[:, None] * comp).sum(axis=0)
             direction = str(names[int(np.argmax(mean_dir))])
-        return {"max_mm": breach, "signed_mm": signed, "direction": direction, "directions_mm": out_dirs}
+        return {"max_mm": breach, "signed_mm": signed, "direction": direction, "directions_mm": out_dirs,
+                "beyond_scan_fraction": beyond}
 
     # -- trajectory
     def trajectory(self, entry, tip, side) -> dict:
@@ -673,6 +683,11 @@ def _vec3(v, where):
 def _apply(M, pts):
     pts = np.asarray(pts, float)
     return pts @ M[:3, :3].T + M[:3, 3]
+
+
+def _odd_factor(x: float) -> int:
+    """The odd integer >= 1 nearest ``x``."""
+    return max(1, 2 * int(round((float(x) - 1.0) / 2.0)) + 1)
 
 
 def _upsample_linear(a: np.ndarray, axis: int, f: int) -> np.ndarray:

@@ -848,7 +848,11 @@ def run_in_scene(scene, xray_nodes, ct_node=None, labels_node=None, device: str 
         report(0.1, "finding the screws")
         out_dir = tmp / "result"
         out_dir.mkdir(parents=True, exist_ok=True)
-        result = run_case(case, out_dir=out_dir, device=device)
+        kwargs = {}
+        if _accepts(run_case, "progress"):
+            # The pipeline names its stages; map them onto the bar between 10 % and 90 %.
+            kwargs["progress"] = lambda stage: report(_STAGE_FRACTION.get(stage, 0.5), str(stage))
+        result = run_case(case, out_dir=out_dir, device=device, **kwargs)
         report(0.9, "adding the screws to the scene")
         label_maps = {}
         for v in views:
@@ -861,6 +865,19 @@ def run_in_scene(scene, xray_nodes, ct_node=None, labels_node=None, device: str 
             shutil.rmtree(tmp, ignore_errors=True)
     report(1.0, f"{len(run.screws)} screws")
     return run, result
+
+
+_STAGE_FRACTION = {"segmentation": 0.15, "instances": 0.45, "correspondence": 0.5, "pose": 0.55, "outputs": 0.85}
+
+
+def _accepts(func, name) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _volume_file(node, path: Path) -> Path:

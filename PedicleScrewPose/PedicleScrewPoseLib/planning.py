@@ -5,16 +5,22 @@ For each requested level, :func:`plan_screws` works in the vertebra's own frame
 ``z`` superior along the spine, from the neighbouring vertebrae), on the label
 resampled to a 1 mm grid (trilinear, so thick CT slices give a smooth surface):
 
-1. the spinal canal is the gap at the midline between the body (anterior) and
-   the lamina (posterior);
-2. on each side, the pedicle is the label's cross-section (coronal slices)
-   nearest the canal between the body and the lamina; its **isthmus** is the
-   slice of least area; its centre and medio-lateral width are measured there;
+1. the spinal canal (vertebral foramen) is, in axial slices, the enclosed hole
+   in the label next to the midline; it is closed only where the pedicles are,
+   so its slices give the pedicles' height; the body is the bone in front of it
+   (the canal-to-body direction also fixes the vertebra's axial rotation);
+2. on each side, the pedicle is the label's cross-section (coronal slices, at
+   the canal's height) nearest the canal between the body and the lamina; its
+   **isthmus** is the slice of least area; its centre and medio-lateral width
+   are measured there, its convergence from the centres of nearby slices;
 3. the trajectory passes through the isthmus centre, converging medially by the
-   pedicle's own convergence (clipped to 5-25 degrees), parallel to the
-   endplates; the **entry** is where that line leaves the label posteriorly,
-   the **tip** stays ~5 mm inside the anterior cortex, the diameter is the
-   largest catalogue size <= 80 % of the isthmus width.
+   mean of the pedicle's measured convergence and the level's typical value
+   (clipped to 5-25 degrees), aimed caudally towards the body's mid-height; the
+   **entry** is where that line leaves the label posteriorly, the **tip** stays
+   ~5 mm inside the anterior cortex (catalogue length), the diameter is the
+   largest catalogue size <= 80 % of the isthmus width;
+4. if that screw breaches (> 0.3 mm), nearby angles (+-6 deg medial, +-4 deg
+   cranial) and entry offsets (+-1 mm) are tried, then shorter and thinner screws.
 
 ``breach_mm`` is how far the shaft's outer surface (thread crests, from 5 mm
 below the entry to the tip) lies outside the vertebra's label, from a signed
@@ -69,10 +75,17 @@ def plan_screws(labels, ct=None, levels=DEFAULT_LEVELS, rng=None, misplacement=N
     direction by 1.5-6 mm (needs ``rng``).
 
     Returns screws with ids "T12-L"/"T12-R", ``level``, ``side`` and ``breach_mm``
-    set; misplaced ones carry ``extra["misplacement"]``. Levels absent from the
-    label map, or whose pedicles cannot be found, are skipped (``extra`` of no
-    screw; see :func:`plan_report` style warnings in the screws' absence).
+    set (``extra["plan"]`` holds the measured isthmus and angles); misplaced ones
+    carry ``extra["misplacement"]``. Levels absent from the label map, or whose
+    canal / pedicles cannot be found, are skipped; ValueError if the label map
+    names none of ``levels``.
     """
+    if isinstance(levels, str):
+        levels = (levels,)
+    if not any(_value_of(labels, lv) is not None for lv in levels):
+        raise ValueError(f"plan_screws: the label map {getattr(labels, 'path', None) or ''} names none of the levels "
+                         f"{list(levels)} (its names: {sorted(set((getattr(labels, 'names', None) or {}).values()))[:12]}); "
+                         f"give the label names, e.g. load_labels(path, names={{32: 'T12'}})")
     if rng is not None and not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     if isinstance(misplacement, (int, float)) and not isinstance(misplacement, bool):
@@ -108,7 +121,15 @@ def plan_screws(labels, ct=None, levels=DEFAULT_LEVELS, rng=None, misplacement=N
                 todo = misplacement.get(s.id)
             elif rng.random() < float(misplacement):
                 todo = (DIRECTIONS[int(rng.integers(len(DIRECTIONS)))], float(rng.uniform(1.5, 6.0)))
-            out.append(misplace(s, todo[0], todo[1], labels) if todo else s)
+            if todo and isinstance(misplacement, dict):
+                out.append(misplace(s, todo[0], todo[1], labels))
+            elif todo:
+                try:
+                    out.append(misplace(s, todo[0], todo[1], labels))
+                except ValueError:  # that breach cannot be reached this way: keep the planned screw
+                    out.append(s)
+            else:
+                out.append(s)
         screws = out
     return screws
 
@@ -129,7 +150,10 @@ def misplace(screw: Screw, direction: str, distance_mm: float, labels) -> Screw:
     if value is None:
         raise ValueError(f"misplace: screw {screw.id} has level {screw.level!r}, not a name in the label map")
     vert = _vertebra(labels, value)
-    side = screw.side or ("right" if vert.to_frame(screw.entry_mm[None])[0, 0] > 0 else "left")
+    if screw.side in ("left", "right"):
+        side = screw.side
+    else:
+        side = "right" if vert.to_frame(screw.entry_mm[None])[0, 0] > vert.anatomy().canal_centre[0] else "left"
     sgn = 1.0 if side == "right" else -1.0
     d_frame = {"medial": [-sgn, 0, 0], "lateral": [sgn, 0, 0], "cranial": [0, 0, 1], "caudal": [0, 0, -1]}[direction]
     d = vert.R @ np.asarray(d_frame, dtype=float)
@@ -184,7 +208,7 @@ def vertebra_frame(labels, level_or_value) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- per vertebra
-class _NotFound(Exception):
+class _NotFound(ValueError):
     pass
 
 
@@ -196,6 +220,8 @@ def _value_of(labels, name):
     return None
 
 
+# Per label map (keyed by id, checked through a weak reference): bounding boxes and the
+# resampled vertebrae. A label map changed in place after planning is not noticed.
 _CACHE: dict = {}
 
 
@@ -263,18 +289,10 @@ class _Vertebra:
         ijk = np.stack([i + sl[2].start, j + sl[1].start, k + sl[0].start], axis=1).astype(float)
         pts = labels.ijk_to_ras_points(ijk)
         self.origin = pts.mean(axis=0)
-        # Pad the crop: with zeros where the label ends inside the image, and by repeating the
-        # edge where the label is cut by the image's field of view (the bone goes on there;
-        # screws reaching past the image are not counted as breaching).
-        padn = [int(np.ceil(GRID_MARGIN_MM / sp)) + 2 for sp in labels.spacing_mm[::-1]]
-        pad = crop.astype(np.float32)
-        for ax in range(3):
-            for end in (0, 1):
-                cut = sl[ax].start == 0 if end == 0 else sl[ax].stop == labels.array.shape[ax]
-                widths = [(0, 0)] * 3
-                widths[ax] = (padn[ax], 0) if end == 0 else (0, padn[ax])
-                pad = np.pad(pad, widths, mode="edge" if cut else "constant")
-        self._pad_start = np.array([sl[2].start - padn[2], sl[1].start - padn[1], sl[0].start - padn[0]], float)
+        # Zero padding: the label ends where the image ends (a vertebra cut by the field of
+        # view counts as ending there; breaches past the image edge are measured against it).
+        pad = np.pad(crop.astype(np.float32), 1)
+        self._pad_start = np.array([sl[2].start, sl[1].start, sl[0].start], float) - 1.0
         self._labels_geom = (labels, sl, pad, pts)
         self._set_frame(self._axes(labels, value, objs))
         self._sd = None
@@ -513,13 +531,6 @@ class _Anatomy:
     body_centre: np.ndarray       # frame mm
 
 
-def _runs(mask_1d):
-    """[(start, stop)] of True runs."""
-    m = np.concatenate([[False], np.asarray(mask_1d, bool), [False]])
-    d = np.diff(m.astype(int))
-    return list(zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0]))
-
-
 # --------------------------------------------------------------------------- one screw
 _CAT = None
 
@@ -600,10 +611,24 @@ def _plan_one(vert: _Vertebra, level: str, side: str, rng) -> Screw:
     deviations = sorted(
         [(dm, dc, dx) for dm in (0.0, -3.0, 3.0, -6.0, 6.0) for dc in (0.0, -4.0, 4.0) for dx in (0.0, -1.0, 1.0)],
         key=lambda t: abs(t[0]) / 3 + abs(t[1]) / 4 + abs(t[2]))
+    dia0 = diameters[max(di, 0)]
+    first = make(medial, cranial, centre, dia0)
+    if first[1] <= PLAN_BREACH_MM:
+        return first[0]
+    # Each candidate's breach shrinks about one-for-one with the radius: pick the candidate that
+    # keeps the thickest catalogue screw, then confirm (thinning further if needed).
+    scored = []
+    for order, (dm, dc, dx) in enumerate(deviations):
+        ctr = centre + np.array([dx, 0.0, 0.0])
+        sc, b = (first if order == 0 else make(medial + dm, cranial + dc, ctr, dia0))
+        d_fit = dia0 - 2.0 * max(0.0, b - PLAN_BREACH_MM)
+        snapped = max([d for d in diameters if d <= d_fit + 1e-9], default=diameters[0])
+        scored.append((-snapped, order, b, (dm, dc, dx)))
+    scored.sort()
     fallback = None
-    for dia in [diameters[i] for i in range(max(di, 0), max(di - 4, -1), -1)]:
-        for dm, dc, dx in deviations:
-            ctr = centre + np.array([dx, 0.0, 0.0])
+    for _, _, _, (dm, dc, dx) in scored[:3]:
+        ctr = centre + np.array([dx, 0.0, 0.0])
+        for dia in [d for d in diameters if d <= dia0][::-1][:5]:
             sc, b = make(medial + dm, cranial + dc, ctr, dia)
             if b <= PLAN_BREACH_MM:
                 return sc

@@ -396,7 +396,8 @@ def _tangent_basis(axis):
 
 
 def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, margin_px,
-              free_length, free_diameter, device, lr_mm=0.4, lr_rad=0.01):
+              free_length, free_diameter, device, lr_mm=0.4, lr_rad=0.01,
+              length_range=(20.0, 70.0), diameter_range=(3.5, 9.0)):
     """Adam on (entry shift, axis tilt, log length, log diameter) of all screws jointly."""
     K = len(estimates)
     prob = _Problem(views, rays, targets, estimates, stride, margin_px, device)
@@ -427,8 +428,10 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
         axis = axis0 + d_ang[:, :1] * t1 + d_ang[:, 1:] * t2
         axis = axis / axis.norm(dim=1, keepdim=True)
         entry = entry0 + d_entry
-        L = L0 * torch.exp(d_logL)
-        d = d0 * torch.exp(d_logd)
+        # Sizes stay within what can be (the implant log's range when there is one): a screw
+        # whose tip hides behind another could otherwise shrink and turn.
+        L = (L0 * torch.exp(d_logL)).clamp(*length_range)
+        d = (d0 * torch.exp(d_logd)).clamp(*diameter_range)
         return entry, axis, L, d
 
     for _ in range(iterations):
@@ -452,6 +455,8 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
         out = []
         for k, est in enumerate(estimates):
             dd = float(d[k]) if free_diameter else est.diameter_mm
+            # While the diameter is free the head keeps its size: only the log or the catalogue
+            # decides the screw model.
             LL = float(L[k])
             dims = spec_dimensions(dd, LL)
             e = entry[k].double().cpu().numpy()
@@ -463,8 +468,6 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
                     tip_mm=e + a * LL,
                     length_mm=LL,
                     diameter_mm=dd,
-                    head_diameter_mm=est.head_diameter_mm if est.size_from_log else dims["head_diameter_mm"],
-                    head_height_mm=est.head_height_mm if est.size_from_log else dims["head_height_mm"],
                     tip_length_mm=dims["tip_length_mm"],
                 )
             )
@@ -486,7 +489,9 @@ def _assign_log_sizes(estimates, implants):
            if "diameter_mm" in s and "length_mm" in s]
     if not log or not estimates:
         return estimates
-    cost = np.array([[abs(e.length_mm - L) + 2.0 * abs(e.diameter_mm - d) for d, L in log] for e in estimates])
+    # Normalised by how well each is measured (~1.5 mm in length, ~0.3 mm in diameter).
+    cost = np.array([[abs(e.length_mm - L) / 1.5 + abs(e.diameter_mm - d) / 0.3 for d, L in log]
+                     for e in estimates])
     rows, cols = linear_sum_assignment(cost)
     out = list(estimates)
     for r, c in zip(rows, cols):
@@ -498,6 +503,51 @@ def _assign_log_sizes(estimates, implants):
         out[r] = out[r].with_size(*log[c])
         out[r].size_from_log = True
     return out
+
+
+@torch.no_grad()
+def _fit_loss(views, rays, targets, estimates, device, stride=2, sigma_px=0.8, margin_px=6):
+    """The refinement's loss for fixed screws (all views)."""
+    prob = _Problem(views, rays, targets, estimates, stride, margin_px, device)
+    f32 = dict(dtype=torch.float32, device=device)
+    args = [torch.as_tensor(np.array([getattr(e, k) if k != "axis" else e.axis for e in estimates]), **f32)
+            for k in ("entry_mm", "axis", "length_mm", "diameter_mm", "head_diameter_mm", "head_height_mm",
+                      "tip_length_mm")]
+    total = 0.0
+    for pv in prob.per_view:
+        if pv is None:
+            continue
+        H, S, _, _ = _composite(pv, *args, sigma_px)
+        total += float((((H - pv["target"][0]) ** 2 + (S - pv["target"][1]) ** 2).sum()) / pv["norm"])
+    return total
+
+
+def _swap_sizes(views, rays, targets, estimates, device, max_rounds=2):
+    """Swap the logged sizes of two screws where the images fit the swap better.
+
+    Lengths measured by the free fit can be a few mm off where a tip hides behind another
+    screw; the silhouettes with the logged sizes settle which screw got which size.
+    Each screw keeps its entry and axis; only sizes move.
+    """
+    est = list(estimates)
+    base = _fit_loss(views, rays, targets, est, device)
+    for _ in range(max_rounds):
+        improved = False
+        for i in range(len(est)):
+            for j in range(i + 1, len(est)):
+                a, b = est[i], est[j]
+                if (a.diameter_mm, a.length_mm) == (b.diameter_mm, b.length_mm):
+                    continue
+                trial = list(est)
+                trial[i] = a.with_size(b.diameter_mm, b.length_mm)
+                trial[j] = b.with_size(a.diameter_mm, a.length_mm)
+                trial[i].size_from_log = trial[j].size_from_log = True
+                loss = _fit_loss(views, rays, targets, trial, device)
+                if loss < base - 1e-4:
+                    est, base, improved = trial, loss, True
+        if not improved:
+            break
+    return est
 
 
 def _snap_to_catalogue(est: ScrewEstimate) -> ScrewEstimate:
@@ -538,13 +588,24 @@ def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
     with single_thread(torch_device):
         rays = [_ViewRays(v, torch_device) for v in views]
         targets = _targets(probabilities, torch_device)
-        has_log = bool(implants)
-        est = estimates
+        log_l = [float(s["length_mm"]) for s in (implants or []) if "length_mm" in s]
+        has_log = bool(log_l)
+        length_range = (min(log_l) - 2.0, max(log_l) + 2.0) if has_log else (20.0, 70.0)
+        log_d = [float(s["diameter_mm"]) for s in (implants or []) if "diameter_mm" in s]
+        diameter_range = (min(log_d) - 0.5, max(log_d) + 0.5) if log_d else (3.5, 9.0)
+        est = [e.with_size(e.diameter_mm, float(np.clip(e.length_mm, *length_range))) for e in estimates]
+        for e0, e1 in zip(estimates, est):
+            e1.size_from_log = e0.size_from_log
         for stride, sig, it, margin, lr_mm, lr_rad in stages_free:
             est = _optimise(views, rays, targets, est, stride=stride, sigma_px=sig, iterations=it, margin_px=margin,
-                            free_length=True, free_diameter=not has_log, device=torch_device,
-                            lr_mm=lr_mm, lr_rad=lr_rad)
-        est = _assign_log_sizes(est, implants) if has_log else [_snap_to_catalogue(e) for e in est]
+                            free_length=True, free_diameter=True, device=torch_device,
+                            lr_mm=lr_mm, lr_rad=lr_rad, length_range=length_range,
+                            diameter_range=diameter_range)
+        if has_log:
+            est = _assign_log_sizes(est, implants)
+            est = _swap_sizes(views, rays, targets, est, torch_device)
+        else:
+            est = [_snap_to_catalogue(e) for e in est]
         for stride, sig, it, margin, lr_mm, lr_rad in stages_fixed:
             est = _optimise(views, rays, targets, est, stride=stride, sigma_px=sig, iterations=it, margin_px=margin,
                             free_length=False, free_diameter=False, device=torch_device,

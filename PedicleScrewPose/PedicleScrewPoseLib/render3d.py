@@ -399,7 +399,7 @@ def _render_vtk(out_png, bone, items, size, camera, background, title):
         text.GetTextProperty().SetFontSize(max(12, size[1] // 35))
         text.GetTextProperty().SetColor(0.1, 0.1, 0.1)
         text.SetPosition(10, size[1] - max(12, size[1] // 35) - 12)
-        renderer.AddActor2D(text)
+        renderer.AddViewProp(text)
     vtk.vtkLightKit().AddLightsToRenderer(renderer)
     _place_camera(renderer, items, bone, camera)
     window.Render()

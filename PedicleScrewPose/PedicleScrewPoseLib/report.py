@@ -336,26 +336,46 @@ def _picture_3d(case, result, screws, ct, labels):
             pass
     if not screws and labels is None and ct is None:
         return None, "nothing to draw"
+    reason = ""
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "scene.png"
         try:
-            from . import render3d
-
-            items = render3d.screws_from_result({"screws": [s for s in screws if s.get("transform") is not None]})
-            pic = render3d.render_scene_png(png, ct=None if labels is not None else ct, labels=labels, screws=items,
-                                            size=(800, 600))
-            return png.read_bytes(), f"{pic.renderer} render"
+            from . import render3d  # the slicer helper's offscreen VTK picture
         except ImportError:
-            pass
-        except (RuntimeError, ValueError, OSError) as exc:  # fall back to a plain picture
-            reason = str(exc)
-        else:  # pragma: no cover
-            reason = ""
+            render3d = None
+        if render3d is not None:
+            try:
+                pic = render3d.render_scene_png(png, ct=None if labels is not None else ct, labels=labels,
+                                                screws=_scene_items(screws), size=(800, 600))
+                return png.read_bytes(), f"{pic.renderer} render"
+            except (RuntimeError, ValueError, OSError) as exc:
+                reason = f" (VTK picture failed: {exc})"
         try:
             _matplotlib_scene(png, screws, labels)
-            return png.read_bytes(), "matplotlib"
+            return png.read_bytes(), "matplotlib" + reason
         except (RuntimeError, ValueError, OSError) as exc:
-            return None, f"no 3D picture: {exc}; {reason if 'reason' in dir() else ''}"
+            return None, f"no 3D picture: {exc}{reason}"
+
+
+def _scene_items(screws):
+    """Screw items for render3d.render_scene_png, coloured as in the table."""
+    from .assessment import screw_pose
+
+    items = []
+    for i, s in enumerate(screws):
+        try:
+            T, d, L = screw_pose(s, f"screws[{i}]")
+        except ValueError:
+            continue
+        if s.get("transform") is not None:
+            M = np.asarray(s["transform"], float)
+            if M.shape == (4, 4) and np.all(np.isfinite(M)):
+                T = M  # keeps the roll (the head's slot) the pose found
+        g = (s.get("breach") or {}).get("grade") if isinstance(s.get("breach"), dict) else None
+        rgb = tuple(c / 255.0 for c in _rgb(GRADE_COLORS.get(g, GRADE_COLORS[None])))
+        items.append({"diameter_mm": d, "length_mm": L, "T_world_from_screw": T, "color": rgb,
+                      "text": _short_label(s)})
+    return items
 
 
 def _matplotlib_scene(path, screws, labels):

@@ -1,0 +1,156 @@
+"""Screw segmentation: shipped weights (hash-checked) on fresh simulated X-rays, bad input, CLI."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from PedicleScrewPoseLib import segmentation
+
+# Floors far below the benchmark (bench/results/segmentation.json): they catch broken or
+# mismatched weights, not noise.
+SHAFT_DICE_FLOOR = 0.6
+HEAD_DICE_FLOOR = 0.45
+
+
+@pytest.fixture(scope="module")
+def model():
+    import torch
+
+    torch.set_num_threads(2)
+    return segmentation.load_model()
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    """Two fresh small views (AP metal bright, lateral metal dark) of the example CT with 4 planned screws."""
+    from PedicleScrewPoseLib import ct as ctmod
+    from PedicleScrewPoseLib import geometry, planning, xray
+
+    ct, labels = ctmod.example_ct()
+    rng = np.random.default_rng(1234)
+    screws = planning.plan_screws(labels, ct, levels=("L1", "L2"), rng=rng)
+    centre = np.mean([s.entry_mm for s in screws] + [s.tip_mm for s in screws], axis=0)
+    size = 192
+    out = []
+    for name, lao, metal in (("AP", 8.0, "bright"), ("LAT", 88.0, "dark")):
+        # ~0.6 mm pixels at the isocentre: screws ~10 px wide, as in real C-arm images
+        view = geometry.carm_view(name, isocenter_mm=centre, lao_deg=lao, cranial_deg=4.0, sid_mm=600,
+                                  sdd_mm=1000, pixel_mm=1.0, width=size, height=size)
+        params = xray.RenderParams(kvp=85, photons_per_pixel=8000, scatter_fraction=0.3, blur_px=0.7,
+                                   metal=metal, field="circle" if metal == "dark" else "square",
+                                   vignetting=0.2 if metal == "dark" else 0.0, bit_depth=8 if metal == "dark" else 16)
+        sv = xray.simulate_view(ct, screws, view, params, rng=rng, binning=2)
+        out.append((view, sv))
+    return out
+
+
+def _dice(pred, truth, c):
+    p, t = pred == c, truth == c
+    return 2.0 * (p & t).sum() / max(1, p.sum() + t.sum())
+
+
+def test_shipped_weights_segment_fresh_simulated_views(model, simulated):
+    images = [sv.image for _v, sv in simulated]
+    probs = segmentation.segment(images, model=model, metal=[sv.metal for _v, sv in simulated])
+    for (view, sv), p in zip(simulated, probs):
+        assert p.shape == (3,) + sv.image.shape and p.dtype == np.float32
+        np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-4)
+        pred = segmentation.labels_from_probabilities(p)
+        assert (sv.labels == 2).sum() > 100 and (sv.labels == 1).sum() > 50  # the views do show screws
+        shaft, head = _dice(pred, sv.labels, 2), _dice(pred, sv.labels, 1)
+        assert shaft >= SHAFT_DICE_FLOOR, f"{view.name}: shaft Dice {shaft:.3f}"
+        assert head >= HEAD_DICE_FLOOR, f"{view.name}: head Dice {head:.3f}"
+
+
+def test_automatic_polarity_matches_hint(model, simulated):
+    _view, sv = simulated[1]                       # metal dark
+    auto = segmentation.labels_from_probabilities(segmentation.segment([sv.image], model=model)[0])
+    hinted = segmentation.labels_from_probabilities(segmentation.segment([sv.image], model=model, metal="dark")[0])
+    assert _dice(auto, hinted, 2) > 0.9
+    # the wrong hint must not find the screws as well as the right one
+    wrong = segmentation.labels_from_probabilities(segmentation.segment([sv.image], model=model, metal="bright")[0])
+    assert _dice(wrong, sv.labels, 2) < _dice(hinted, sv.labels, 2)
+
+
+def test_bit_depth_and_window_do_not_matter(model, simulated):
+    _view, sv = simulated[0]
+    img16 = sv.image.astype(np.float64)
+    img8 = np.round((img16 - img16.min()) / (img16.max() - img16.min()) * 255).astype(np.uint8)
+    scaled = (img16 * 3.7 + 1000.0).astype(np.float32)
+    l8, ls = (segmentation.labels_from_probabilities(p)
+              for p in segmentation.segment([img8, scaled], model=model, metal="bright"))
+    assert _dice(l8, ls, 2) > 0.85
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    src = segmentation.WEIGHTS_PATH
+    dst = tmp_path / "screw_unet.pt"
+    shutil.copyfile(src, dst)
+    shutil.copyfile(str(src) + ".sha256", str(dst) + ".sha256")
+    segmentation.load_model(dst)  # an intact copy loads
+    data = bytearray(dst.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dst.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted or was tampered"):
+        segmentation.load_model(dst)
+    (tmp_path / "screw_unet.pt.sha256").unlink()
+    with pytest.raises(FileNotFoundError, match="sha256"):
+        segmentation.load_model(dst)
+    with pytest.raises(FileNotFoundError):
+        segmentation.load_model(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((0, 0)), "empty"),
+    (np.full((32, 32), np.nan), "finite"),
+    (np.ones((1, 1)), "too small"),
+    (np.ones((4, 5, 6)), "2D"),
+    (np.ones(10), "2D"),
+])
+def test_bad_images_raise_clear_errors(model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        segmentation.segment([bad], model=model)
+
+
+def test_constant_and_partly_nan_images(model):
+    p = segmentation.segment([np.full((40, 50), 7.0, np.float32)], model=model)[0]
+    assert p.shape == (3, 40, 50) and np.all(segmentation.labels_from_probabilities(p) == 0)
+    img = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    img[:10] = np.nan
+    p = segmentation.segment([img], model=model, metal="bright")[0]
+    assert np.isfinite(p).all()
+    with pytest.raises(ValueError, match="metal"):
+        segmentation.segment([img], model=model, metal="grey")
+
+
+def test_field_mask_finds_image_intensifier_circle():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0.5, 0.05, (200, 200)).astype(np.float32)
+    vv, uu = np.mgrid[:200, :200]
+    inside = (vv - 100) ** 2 + (uu - 100) ** 2 < 90 ** 2
+    img[~inside] = 0.0
+    m = segmentation.field_mask(img)
+    assert m[inside].mean() > 0.95          # the field is kept (a thin rim may go)
+    assert (~m)[~inside].mean() > 0.99      # the black surround is dropped
+    assert segmentation.field_mask(rng.random((100, 100)).astype(np.float32)).all()
+
+
+def test_segment_cli_writes_labels_and_overlays(tmp_path, simulated):
+    from PedicleScrewPoseLib import cli, io
+
+    views = [view for view, _sv in simulated]
+    import dataclasses
+
+    views = [dataclasses.replace(v, metal=sv.metal) for v, (_v, sv) in zip(views, simulated)]
+    case = io.write_case(tmp_path / "case", views, [sv.image for _v, sv in simulated])
+    out = tmp_path / "seg"
+    assert cli.main(["segment", str(case), "--out", str(out)]) == 0
+    for view, sv in zip(views, [s for _v, s in simulated]):
+        stem = io.safe_view_filename(view.name)
+        lab = io.read_image(out / f"{stem}_labels.png")
+        assert lab.shape == sv.image.shape and set(np.unique(lab)) <= {0, 1, 2}
+        assert _dice(lab, sv.labels, 2) >= SHAFT_DICE_FLOOR
+        assert (out / f"{stem}_overlay.png").stat().st_size > 0
+    assert cli.main(["segment", str(case), "--out", str(case)]) == 1

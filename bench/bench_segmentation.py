@@ -1,0 +1,189 @@
+"""Benchmark of the screw segmentation U-Net on a fixed, held-out simulated test set.
+
+Test set (``--seed``, default the training seed + ``training.TEST_SEED_OFFSET``: a seed
+training never uses): 512x512 views from a *test bank* (``training.build_bank(split="test")``):
+vertebral levels ``training.TEST_LEVELS``, C-arm angles only in ``training.TEST_LAO_BANDS_DEG``
+and screw diameters ``training.TEST_DIAMETERS_MM``, all held out from training.  Images are
+rendered by the simulator's own physics and display (``xray.render_view`` with
+``xray.RenderParams.random`` and ``xray.random_distractors``), which training does not use
+(training composites with its own physics/display code from the same cached line integrals):
+a second renderer for the network.
+
+Groups (Dice per image and class, then median / mean / 5th percentile):
+  main        N images (default 200), random C-arm looks, both polarities, metal hint given
+  bright/dark the main images split by polarity
+  auto        the first 60 main images segmented without the metal hint (polarity decided automatically)
+  noisy       40 images at 40-120 photons per pixel (heavy quantum noise)
+  lateral     40 lateral views with >= 4 screws (left and right screws overlap)
+  empty       20 images without screws: screw pixels predicted (false positives)
+Timing: inference per 512x512 image on 2 CPU threads (hint given, and automatic polarity),
+and on CUDA when available; peak memory (max RSS).  Writes ``bench/results/segmentation.json``.
+
+    python bench/bench_segmentation.py [--weights PATH] [--n-images 200] [--cache DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=None, help="weights file (default: the shipped model)")
+    ap.add_argument("--n-images", type=int, default=200)
+    ap.add_argument("--bank-views", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "pedicle_seg_bench"),
+                    help="folder for the cached test bank (line integrals)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "segmentation.json"))
+    ap.add_argument("--build-only", action="store_true", help="only build the test bank")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+
+    from PedicleScrewPoseLib import geometry, segmentation, training, xray
+    from PedicleScrewPoseLib import ct as ctmod
+
+    torch.set_num_threads(args.threads)
+    seed = args.seed if args.seed is not None else training.DEFAULT_SEED + training.TEST_SEED_OFFSET
+    bank_path = Path(args.cache) / f"bank_test_{seed}_{args.bank_views}.npz"
+    bank = training.load_or_build_bank(bank_path, args.bank_views, seed, split="test")
+    if args.build_only:
+        print(f"test bank: {bank_path}")
+        return 0
+    _ct, labels = ctmod.example_ct()
+    center = np.asarray(labels.center_ras, float)
+    model = segmentation.load_model(args.weights)
+    views = []
+    for row in bank["views"]:
+        K, R, t = geometry.decompose_projection(row[:12].reshape(3, 4))[:3]
+        views.append(geometry.View(K=K, R=R, t=t, width=int(row[12]), height=int(row[13]), name="test"))
+    lateral_views = [i for i, v in enumerate(views) if abs(v.R[2] @ np.array([1.0, 0, 0])) > 0.7]
+
+    def render(rng, vi=None, n=None, params=None):
+        vi = int(rng.integers(len(views))) if vi is None else vi
+        view = views[vi]
+        cand = np.nonzero(bank["scr_view"] == vi)[0]
+        if n is None:
+            n = int(rng.choice([1, 2, 3, 4, 6, 8, 10, 12]))
+        n = min(n, len(cand))
+        chosen = rng.choice(cand, size=n, replace=False) if n else []
+        H, W = view.height, view.width
+        head = np.zeros((H, W), np.float32)
+        shaft = np.zeros((H, W), np.float32)
+        for k in chosen:
+            (v0, v1, u0, u1), h, s = training._bank_screw(bank, int(k))
+            head[v0:v1, u0:u1] += h
+            shaft[v0:v1, u0:u1] += s
+        li = {"soft": torch.from_numpy(bank["soft"][vi].astype(np.float32)),
+              "bone": torch.from_numpy(bank["bone"][vi].astype(np.float32))}
+        params = params or xray.RenderParams.random(rng)
+        dis = xray.random_distractors(rng, center + rng.normal(0, [20, 20, 40])) if rng.random() < 0.5 else None
+        sv = xray.render_view(li, [], view, params, rng=rng, distractors=dis,
+                              screw_paths=(torch.from_numpy(head), torch.from_numpy(shaft)))
+        return sv.image, sv.labels, sv.metal, n
+
+    groups: dict[str, list] = {k: [] for k in ("main", "bright", "dark", "auto", "noisy", "lateral")}
+    empty_fp = []
+    rng = np.random.default_rng(seed)
+    main_imgs = []
+    for i in tqdm(range(args.n_images), desc="main"):
+        img, lab, metal, _n = render(rng)
+        p = segmentation.segment([img], model=model, metal=metal)[0]
+        d = training.dice_per_class(segmentation.labels_from_probabilities(p), lab)
+        groups["main"].append(d)
+        groups[metal].append(d)
+        if i < 60:
+            main_imgs.append((img, lab))
+    for img, lab in tqdm(main_imgs, desc="auto"):
+        p = segmentation.segment([img], model=model, metal=None)[0]
+        groups["auto"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
+    for _ in tqdm(range(40), desc="noisy"):
+        params = xray.RenderParams.random(rng)
+        params.photons_per_pixel = float(rng.uniform(40, 120))
+        img, lab, metal, _n = render(rng, params=params)
+        p = segmentation.segment([img], model=model, metal=metal)[0]
+        groups["noisy"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
+    for _ in tqdm(range(40 if lateral_views else 0), desc="lateral"):
+        vi = int(rng.choice(lateral_views))
+        img, lab, metal, _n = render(rng, vi=vi, n=int(rng.integers(4, 13)))
+        p = segmentation.segment([img], model=model, metal=metal)[0]
+        groups["lateral"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
+    for _ in tqdm(range(20), desc="empty"):
+        img, lab, metal, _n = render(rng, n=0)
+        pred = segmentation.labels_from_probabilities(segmentation.segment([img], model=model, metal=metal)[0])
+        empty_fp.append(int((pred > 0).sum()))
+
+    # ---- timing (512x512) and memory
+    x = np.asarray(main_imgs[0][0]) if main_imgs else np.zeros((512, 512), np.uint8)
+    timing = {}
+    for label, hint in (("cpu_hint_s", "bright"), ("cpu_auto_polarity_s", None)):
+        segmentation.segment([x], model=model, metal=hint)
+        ts = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            segmentation.segment([x], model=model, metal=hint)
+            ts.append(time.perf_counter() - t0)
+        timing[label] = {"median": float(np.median(ts)), "min": float(np.min(ts)), "max": float(np.max(ts))}
+    if torch.cuda.is_available():
+        m = model.to("cuda")
+        segmentation.segment([x], model=m, metal="bright", device="cuda")
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            segmentation.segment([x], model=m, metal="bright", device="cuda")
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        timing["cuda_hint_s"] = {"median": float(np.median(ts))}
+    else:
+        timing["cuda_hint_s"] = None
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def summary(ds):
+        out = {"n_images": len(ds)}
+        for c in ("head", "shaft"):
+            v = np.array([d[c] for d in ds if not np.isnan(d[c])], float)
+            out[c] = ({"median": float(np.median(v)), "mean": float(np.mean(v)), "p5": float(np.percentile(v, 5)),
+                       "n": int(v.size)} if v.size else None)
+        return out
+
+    result = {
+        "benchmark": "segmentation",
+        "weights": str(args.weights or segmentation.WEIGHTS_PATH),
+        "weights_sha256": segmentation.sha256_of(args.weights or segmentation.WEIGHTS_PATH),
+        "test_seed": seed,
+        "held_out": {"levels": list(training.TEST_LEVELS), "lao_bands_deg": [list(b) for b in training.TEST_LAO_BANDS_DEG],
+                     "diameters_mm": list(training.TEST_DIAMETERS_MM)},
+        "image_px": [int(views[0].height), int(views[0].width)],
+        "renderer": "xray.render_view + RenderParams.random + random_distractors (not the training compositor)",
+        "dice": {k: summary(v) for k, v in groups.items()},
+        "empty_images": {"n": len(empty_fp), "screw_pixels_median": float(np.median(empty_fp)) if empty_fp else None,
+                         "screw_pixels_max": int(max(empty_fp)) if empty_fp else None},
+        "targets": {"mean_dice_shaft": 0.93, "mean_dice_head": 0.90, "cpu_s_per_512": 0.5},
+        "timing_per_512x512": timing,
+        "threads": args.threads,
+        "peak_rss_mb": peak_rss_mb,
+        "command": "python bench/bench_segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    print(json.dumps({k: result[k] for k in ("dice", "empty_images", "timing_per_512x512", "peak_rss_mb")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
