@@ -73,9 +73,9 @@ class PedicleScrewPose(ScriptedLoadableModule):
             "views along epipolar lines, their axes triangulated, and all screws refined jointly by "
             "known-component 2D/3D registration of the parametric screw models, as in "
             "Uneri A, et al. <i>Known-component 3D-2D registration for quality assurance of spine "
-            "surgery pedicle screw placement.</i> Phys Med Biol 2015;60(20):8007-24, building on "
-            "Uneri A, et al. <i>Known-component 3D-2D registration for image guidance and quality "
-            "assurance in spine surgery pedicle screw placement.</i> Phys Med Biol 2014 (JHU I-STAR Lab)."
+            "surgery pedicle screw placement.</i> Phys Med Biol 2015;60(20):8007-24, and the earlier "
+            "known-component 3D-2D registration work of the same group (Johns Hopkins University, "
+            "Phys Med Biol 2014)."
         )
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer, PyTorch, MONAI and DiffDRR. The example CT and its vertebra labels come "

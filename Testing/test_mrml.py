@@ -406,3 +406,22 @@ def test_write_scene_for_run_holds_ct_xrays_screws_table_and_overlays(world, tmp
     assert roles["ct"] == 1 and roles["vertebra-labels"] == 1 and roles["xray"] == 2
     assert roles["screw-transform"] == roles["screw-model"] == roles["screw-line"] == 4
     assert roles["results-table"] == 1 and roles["screw-labels"] == 2
+
+
+def test_core_volume_goes_in_and_comes_back_unchanged():
+    from PedicleScrewPoseLib import ct as ctmod
+
+    rng = np.random.default_rng(5)
+    M = np.array([[-0.8, 0, 0, 30.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
+    vol = ctmod.Volume(rng.integers(-1000, 2000, (6, 7, 8)).astype(np.int16), M)
+    labels = ctmod.LabelVolume(rng.integers(0, 3, (6, 7, 8)).astype(np.uint8), M, names={1: "L1", 2: "L2"})
+    scene = mrml.new_scene()
+    back = mrml.volume_from_node(mrml.add_volume(scene, vol, "ct"))
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.ijk_to_ras, M, atol=1e-9)
+    node = mrml.add_volume(scene, labels, "labels", labelmap=True)
+    back = mrml.volume_from_node(node)
+    assert node.IsA("vtkMRMLLabelMapVolumeNode") and back.names == {1: "L1", 2: "L2"}
+    np.testing.assert_array_equal(back.array, labels.array)
+    color = scene.GetNodeByID(node.GetDisplayNode().GetColorNodeID())
+    assert color.GetColorName(2) == "L2"

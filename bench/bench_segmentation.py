@@ -13,7 +13,7 @@ Groups (Dice per image and class, then median / mean / 5th percentile):
   main        N images (default 200), random C-arm looks, both polarities, metal hint given
   bright/dark the main images split by polarity
   auto        the first 60 main images segmented without the metal hint (polarity decided automatically)
-  noisy       40 images at 40-120 photons per pixel (heavy quantum noise)
+  noisy       40 images (--n-extra) at 40-120 photons per pixel (heavy quantum noise)
   lateral     40 lateral views with >= 4 screws (left and right screws overlap)
   empty       20 images without screws: screw pixels predicted (false positives)
 Timing: inference per 512x512 image on 2 CPU threads (hint given, and automatic polarity),
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "segmentation.json"))
     ap.add_argument("--build-only", action="store_true", help="only build the test bank")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-extra", type=int, default=40, help="images in the noisy and lateral groups (empty: half)")
     args = ap.parse_args(argv)
 
     import torch
@@ -103,23 +104,23 @@ def main(argv=None) -> int:
         d = training.dice_per_class(segmentation.labels_from_probabilities(p), lab)
         groups["main"].append(d)
         groups[metal].append(d)
-        if i < 60:
+        if i < min(60, args.n_images):
             main_imgs.append((img, lab))
     for img, lab in tqdm(main_imgs, desc="auto"):
         p = segmentation.segment([img], model=model, metal=None)[0]
         groups["auto"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
-    for _ in tqdm(range(40), desc="noisy"):
+    for _ in tqdm(range(args.n_extra), desc="noisy"):
         params = xray.RenderParams.random(rng)
         params.photons_per_pixel = float(rng.uniform(40, 120))
         img, lab, metal, _n = render(rng, params=params)
         p = segmentation.segment([img], model=model, metal=metal)[0]
         groups["noisy"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
-    for _ in tqdm(range(40 if lateral_views else 0), desc="lateral"):
+    for _ in tqdm(range(args.n_extra if lateral_views else 0), desc="lateral"):
         vi = int(rng.choice(lateral_views))
         img, lab, metal, _n = render(rng, vi=vi, n=int(rng.integers(4, 13)))
         p = segmentation.segment([img], model=model, metal=metal)[0]
         groups["lateral"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
-    for _ in tqdm(range(20), desc="empty"):
+    for _ in tqdm(range(max(1, args.n_extra // 2)), desc="empty"):
         img, lab, metal, _n = render(rng, n=0)
         pred = segmentation.labels_from_probabilities(segmentation.segment([img], model=model, metal=metal)[0])
         empty_fp.append(int((pred > 0).sum()))

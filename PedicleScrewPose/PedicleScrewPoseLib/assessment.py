@@ -706,17 +706,33 @@ def _upsample_linear(a: np.ndarray, axis: int, f: int) -> np.ndarray:
 
 
 def _signed_distance(mask: np.ndarray, spacing) -> np.ndarray:
-    """Signed distance (mm) to the surface between voxel centres: < 0 inside ``mask``, > 0 outside.
+    """Signed distance (mm, float32) to the surface between voxel centres: < 0 inside ``mask``, > 0 outside.
 
-    Outside: distance to the nearest inside voxel centre minus half a voxel;
-    inside: minus (distance to the nearest outside voxel centre minus half a voxel).
+    Outside: distance to the nearest inside voxel centre minus that voxel's
+    half-extent towards the point; inside: minus (distance to the nearest
+    outside voxel centre minus its half-extent). The half-extent of a voxel of
+    sizes ``spacing`` along unit direction ``u`` is taken as the ellipsoid's,
+    ``1 / sqrt(sum (2 u_a / h_a)^2)``: exactly half a voxel along each axis, so
+    a surface half-way between thick slices is placed right.
     """
-    h = 0.5 * float(np.min(spacing))
+    spacing = np.asarray(spacing, float)
     if not mask.any():
         return np.full(mask.shape, 1e3, np.float32)
-    out = ndimage.distance_transform_edt(~mask, sampling=spacing)
-    ins = ndimage.distance_transform_edt(mask, sampling=spacing)
-    return np.where(mask, -(ins - h), out - h).astype(np.float32)
+    if mask.all():
+        return np.full(mask.shape, -1e3, np.float32)
+    sd = np.empty(mask.shape, np.float32)
+    for region, sign in ((~mask, 1.0), (mask, -1.0)):
+        # Distances from the voxels of `region` to the nearest voxel of the other set.
+        dist, idx = ndimage.distance_transform_edt(region, sampling=spacing, return_indices=True)
+        sel = region
+        pos = np.stack([np.nonzero(sel)[a] for a in range(mask.ndim)], axis=1)
+        near = np.stack([idx[a][sel] for a in range(mask.ndim)], axis=1)
+        vec = (pos - near) * spacing
+        d = dist[sel]
+        u = vec / np.maximum(d, 1e-9)[:, None]
+        half = 1.0 / np.sqrt(np.sum((2.0 * u / spacing) ** 2, axis=1))
+        sd[sel] = sign * (d - half)
+    return sd
 
 
 def _shaft_samples(entry, axis, length_mm, radius_mm) -> np.ndarray:

@@ -917,6 +917,7 @@ def save_scene(scene, path) -> Path:
                 ok = scene.WriteToMRB(tmp)
             if not ok or not os.path.exists(tmp):
                 raise ValueError(f"could not write scene bundle {path}")
+            _chmod_like_new_file(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -955,11 +956,19 @@ def save_scene(scene, path) -> Path:
             ok = scene.Commit(tmp)
         if not ok:
             raise ValueError(f"could not write scene {path}")
+        _chmod_like_new_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _chmod_like_new_file(path) -> None:
+    """mkstemp makes 0600 files; give the final file the mode a plain open() would (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load_scene(path, scene=None):

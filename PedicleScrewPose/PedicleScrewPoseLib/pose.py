@@ -387,6 +387,39 @@ def _composite(pv, entry, axis, length, diam, head_d, head_h, tip_len, sigma_px)
     return H, (F - H).clamp_min(0.0), h, s
 
 
+class _Adam:
+    """Adam with a cosine-decaying step, by hand: ``torch.optim.Adam``'s first step costs ~2 s
+    of lazy imports (measured), longer than the whole fit."""
+
+    def __init__(self, groups, iterations, floor=0.05, betas=(0.9, 0.999), eps=1e-8):
+        self.groups = groups
+        self.m = [torch.zeros_like(p) for p, _ in groups]
+        self.v = [torch.zeros_like(p) for p, _ in groups]
+        self.t = 0
+        self.T = max(int(iterations), 1)
+        self.floor = floor
+        self.b1, self.b2 = betas
+        self.eps = eps
+
+    def zero_grad(self):
+        for p, _ in self.groups:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(self.t - 1, self.T) / self.T))
+        for (p, lr), m, v in zip(self.groups, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            mh = m / (1 - self.b1 ** self.t)
+            vh = v / (1 - self.b2 ** self.t)
+            p.sub_(lr * scale * mh / (vh.sqrt() + self.eps))
+
+
 def _tangent_basis(axis):
     ref = np.where(np.abs(axis[:, :1]) < 0.9, np.array([[1.0, 0, 0]]), np.array([[0, 1.0, 0]]))
     t1 = ref - (ref * axis).sum(1, keepdims=True) * axis
@@ -416,13 +449,12 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
     d_ang = torch.zeros(K, 2, requires_grad=True, **f32)
     d_logL = torch.zeros(K, requires_grad=True, **f32)
     d_logd = torch.zeros(K, requires_grad=True, **f32)
-    groups = [{"params": [d_entry], "lr": lr_mm}, {"params": [d_ang], "lr": lr_rad}]
+    groups = [(d_entry, lr_mm), (d_ang, lr_rad)]
     if free_length:
-        groups.append({"params": [d_logL], "lr": 0.01})
+        groups.append((d_logL, 0.01))
     if free_diameter:
-        groups.append({"params": [d_logd], "lr": 0.01})
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iterations, 1), eta_min=0.05 * lr_mm)
+        groups.append((d_logd, 0.01))
+    opt = _Adam(groups, iterations, floor=0.05)
 
     def params():
         axis = axis0 + d_ang[:, :1] * t1 + d_ang[:, 1:] * t2
@@ -448,7 +480,6 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
             break
         loss.backward()
         opt.step()
-        sched.step()
 
     with torch.no_grad():
         entry, axis, L, d = params()

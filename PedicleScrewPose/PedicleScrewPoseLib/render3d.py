@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RenderedPicture", "render_scene_png", "render_result_png", "screws_from_result", "CAMERAS"]
+__all__ = ["RenderedPicture", "render_scene_png", "render_result_png", "screws_from_result", "grade_legend",
+           "CAMERAS"]
 
 #: Camera presets: direction from the focus to the camera (RAS) and the view-up direction.
 CAMERAS = {
@@ -50,9 +51,9 @@ class RenderedPicture:
     bone_triangles: int
 
 
-def render_scene_png(path, ct=None, labels=None, screws=(), size=(800, 600), camera: str = "posterior-oblique",
+def render_scene_png(path, ct=None, labels=None, screws=(), size=(800, 600), camera="posterior-oblique",
                      bone_hu: float = 200.0, margin_mm: float = 35.0, background=(1.0, 1.0, 1.0),
-                     title: str | None = None) -> RenderedPicture:
+                     title: str | None = None, legend: dict | None = None) -> RenderedPicture:
     """Draw the bone surface and the screws into a PNG, atomically.
 
     ``ct``: ``ct.Volume`` (HU) or None; ``labels``: ``ct.LabelVolume`` or None
@@ -62,11 +63,17 @@ def render_scene_png(path, ct=None, labels=None, screws=(), size=(800, 600), cam
     length_mm)``, ``T`` (4,4) screw frame → world RAS mm, ``rgb`` in 0..1, or
     dicts from :func:`screws_from_result`.  The bone is cropped to the screws'
     bounding box plus ``margin_mm`` (the whole volume when there are no
-    screws).  ``camera``: one of :data:`CAMERAS`.
+    screws).  ``camera``: one of :data:`CAMERAS`, or a list of them for panels
+    side by side (``size`` is per panel).  ``legend``: text -> rgb, drawn
+    bottom left (e.g. the breach grades shown).
     """
     path = Path(path)
-    if camera not in CAMERAS:
-        raise ValueError(f"camera {camera!r}: expected one of {sorted(CAMERAS)}")
+    cameras = [camera] if isinstance(camera, str) else list(camera)
+    for cam in cameras:
+        if cam not in CAMERAS:
+            raise ValueError(f"camera {cam!r}: expected one of {sorted(CAMERAS)}")
+    if not cameras:
+        raise ValueError("camera: give at least one")
     width, height = (int(x) for x in size)
     if not (16 <= width <= 8192 and 16 <= height <= 8192):
         raise ValueError(f"size {size}: width and height must be 16..8192 px")
@@ -76,19 +83,53 @@ def render_scene_png(path, ct=None, labels=None, screws=(), size=(800, 600), cam
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     os.close(fd)
+    panels = []
     try:
-        try:
-            _render_vtk(tmp, bone, items, (width, height), camera, background, title)
-            renderer = "vtk"
-        except RuntimeError:
-            _render_matplotlib(tmp, bone, items, (width, height), camera, title)
-            renderer = "matplotlib"
+        renderer = "vtk"
+        for k, cam in enumerate(cameras):
+            panel = tmp if len(cameras) == 1 else f"{tmp}.{k}.png"
+            panels.append(panel)
+            # The title goes on the first panel, the legend on the last.
+            panel_title = title if k == 0 else None
+            panel_legend = legend if k == len(cameras) - 1 else None
+            try:
+                if renderer != "vtk":
+                    raise RuntimeError("VTK already failed")
+                _render_vtk(panel, bone, items, (width, height), cam, background, panel_title, panel_legend)
+            except RuntimeError:
+                _render_matplotlib(panel, bone, items, (width, height), cam, panel_title)
+                renderer = "matplotlib"
+        if len(panels) > 1:
+            _side_by_side(panels, tmp)
+        _chmod_like_new_file(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for f in [tmp] + panels:
+            if os.path.exists(f):
+                os.unlink(f)
     return RenderedPicture(path=path, renderer=renderer, n_screws=len(items),
                            bone_triangles=0 if bone is None else int(bone.GetNumberOfCells()))
+
+
+def _chmod_like_new_file(path) -> None:
+    """mkstemp makes 0600 files; give the final file the mode a plain open() would (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _side_by_side(pngs, out):
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in pngs]
+    w = sum(im.width for im in images)
+    h = max(im.height for im in images)
+    sheet = Image.new("RGB", (w, h), (255, 255, 255))
+    x = 0
+    for im in images:
+        sheet.paste(im, (x, 0))
+        x += im.width
+    sheet.save(out, format="PNG")
 
 
 def screws_from_result(result: dict) -> list:
@@ -103,9 +144,21 @@ def screws_from_result(result: dict) -> list:
     return items
 
 
+def grade_legend(result: dict) -> dict:
+    """Legend entries (text -> rgb) for the breach grades present in a result."""
+    grades = sorted({(s.get("breach") or {}).get("grade") for s in result.get("screws", [])
+                     if isinstance(s.get("breach"), dict)} - {None})
+    return {f"grade {g}": GRADE_COLORS[g] for g in grades if g in GRADE_COLORS}
+
+
 def render_result_png(path, case, result: dict, **kwargs) -> RenderedPicture:
-    """:func:`render_scene_png` for a case (its CT and labels, when it has them) and its result."""
+    """:func:`render_scene_png` for a case (its CT and labels, when it has them) and its result.
+
+    Screws are coloured by breach grade (legend included) and labelled by level and side.
+    """
     from . import ct as ctmod
+
+    kwargs.setdefault("legend", grade_legend(result) or None)
 
     ct = ctmod.load_volume(case.ct_path) if getattr(case, "ct_path", None) else None
     labels = None
@@ -321,7 +374,7 @@ def _prefer_egl():
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 
-def _render_vtk(out_png, bone, items, size, camera, background, title):
+def _render_vtk(out_png, bone, items, size, camera, background, title, legend=None):
     """Raises RuntimeError when VTK cannot render (no OpenGL context) or draws nothing."""
     _prefer_egl()
     import vtk
@@ -384,14 +437,20 @@ def _render_vtk(out_png, bone, items, size, camera, background, title):
         prop.SetSpecularPower(30)
         renderer.AddActor(actor)
         if it["text"]:
-            head = _screw_points(it)[0]
+            # The label sits beyond the head, on a light box, so it reads over bone and metal.
+            head = _screw_points(it)[0] - 6.0 * it["T"][:3, 2]
             label = vtk.vtkBillboardTextActor3D()
             label.SetInput(str(it["text"]))
             label.SetPosition(*head)
-            label.GetTextProperty().SetFontSize(max(12, size[1] // 45))
-            label.GetTextProperty().SetColor(0.1, 0.1, 0.1)
-            label.GetTextProperty().SetJustificationToCentered()
-            label.SetDisplayOffset(0, 12)
+            tp = label.GetTextProperty()
+            tp.SetFontSize(max(12, size[1] // 42))
+            tp.SetColor(0.1, 0.1, 0.1)
+            tp.BoldOn()
+            tp.SetBackgroundColor(1.0, 1.0, 1.0)
+            tp.SetBackgroundOpacity(0.75)
+            tp.SetJustificationToCentered()
+            tp.SetVerticalJustificationToCentered()
+            label.ForceOpaqueOn()
             renderer.AddActor(label)
     if title:
         text = vtk.vtkTextActor()
@@ -400,6 +459,15 @@ def _render_vtk(out_png, bone, items, size, camera, background, title):
         text.GetTextProperty().SetColor(0.1, 0.1, 0.1)
         text.SetPosition(10, size[1] - max(12, size[1] // 35) - 12)
         renderer.AddViewProp(text)
+    font = max(12, size[1] // 40)
+    for k, (text, rgb) in enumerate((legend or {}).items()):
+        entry = vtk.vtkTextActor()
+        entry.SetInput(str(text))
+        entry.GetTextProperty().SetFontSize(font)
+        entry.GetTextProperty().SetColor(*[float(c) for c in rgb])
+        entry.GetTextProperty().BoldOn()
+        entry.SetPosition(10, 10 + k * (font + 6))
+        renderer.AddViewProp(entry)
     vtk.vtkLightKit().AddLightsToRenderer(renderer)
     _place_camera(renderer, items, bone, camera)
     window.Render()

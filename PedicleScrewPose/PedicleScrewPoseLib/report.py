@@ -80,7 +80,7 @@ def table_rows(result: dict) -> list[dict]:
             "id": str(s.get("id", "")),
             "level": s.get("level"),
             "side": s.get("side"),
-            "size": f"{d:g} x {L:g}" if d is not None and L is not None else None,
+            "size": f"{round(d, 1):g} x {round(L, 1):g}" if d is not None and L is not None else None,
             "diameter_mm": _round(d, 2),
             "length_mm": _round(L, 1),
             "transverse_angle_deg": _round(t.get("transverse_angle_deg"), 1),
