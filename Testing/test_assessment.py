@@ -68,6 +68,14 @@ def test_vertebra_frame_is_anatomical(example):
         assert set(v.pedicle_centres_mm) == {"left", "right"}
         assert v.side_of(v.pedicle_centres_mm["right"]) == "right"
         assert v.side_of(v.pedicle_centres_mm["left"]) == "left"
+        # The spinal canal: a hole of a plausible size behind the body, between the pedicles.
+        area = v.canal_xy.sum() * v._canal_step ** 2
+        assert 100.0 < area < 500.0, area
+        peds = np.array([v.to_frame(c)[0] for c in v.pedicle_centres_mm.values()])
+        centre = np.array([0.0, peds[:, 1].mean() - 2.0, peds[:, 2].mean()])
+        T = v.T_world_from_vertebra
+        assert v.canal_depth_mm(T[:3, :3] @ centre + T[:3, 3])[0] > 3.0
+        assert v.canal_depth_mm(v.pedicle_centres_mm["right"])[0] == 0.0
 
 
 @pytest.mark.parametrize("axis,deg", [((0, 0, 1), 180.0), ((1, 2, 3), 130.0)])

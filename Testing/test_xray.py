@@ -287,3 +287,17 @@ def test_example_ct_view_is_plausible():
     assert col[24:40].max() > 3 * np.median(col)
     with pytest.raises(ValueError):
         xray.prepare_ct({"soft": ctmod.Volume(array=np.full((4, 4, 4), np.nan, np.float32), ijk_to_ras=np.eye(4))})
+
+
+@pytest.mark.parametrize("lao", [0, 90, 40])
+def test_screw_joseph_and_march_agree(lao):
+    s = _test_screw()
+    view = geometry.carm_view("v", isocenter_mm=(0, -10, 0), lao_deg=lao, width=128, height=128, pixel_mm=1.0)
+    hj, sj = xray.screw_path_lengths([s], view, method="joseph")
+    hm, sm = xray.screw_path_lengths([s], view, method="march")
+    for a, b in ((hj, hm), (sj, sm)):
+        a, b = a.numpy(), b.numpy()
+        assert a.sum() == pytest.approx(b.sum(), rel=0.005)
+        assert _ncc(a, b) > 0.999
+    with pytest.raises(ValueError, match="method"):
+        xray.screw_path_lengths([s], view, method="siddon")

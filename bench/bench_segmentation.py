@@ -9,6 +9,9 @@ rendered by the simulator's own physics and display (``xray.render_view`` with
 (training composites with its own physics/display code from the same cached line integrals):
 a second renderer for the network.
 
+Truth: the simulator's label map, set to background outside an image intensifier's circular
+field (nothing is exposed there).
+
 Groups (Dice per image and class, then median / mean / 5th percentile):
   main        N images (default 200), random C-arm looks, both polarities, metal hint given
   bright/dark the main images split by polarity
@@ -92,7 +95,11 @@ def main(argv=None) -> int:
         dis = xray.random_distractors(rng, center + rng.normal(0, [20, 20, 40])) if rng.random() < 0.5 else None
         sv = xray.render_view(li, [], view, params, rng=rng, distractors=dis,
                               screw_paths=(torch.from_numpy(head), torch.from_numpy(shaft)))
-        return sv.image, sv.labels, sv.metal, n
+        # Outside an image intensifier's circle nothing is exposed: no screw can be seen there, so
+        # the truth is background (the simulator's label map is geometric and ignores the field).
+        lab = sv.labels.copy()
+        lab[~xray.field_mask(W, H, params)] = 0
+        return sv.image, lab, sv.metal, n
 
     groups: dict[str, list] = {k: [] for k in ("main", "bright", "dark", "auto", "noisy", "lateral")}
     empty_fp = []

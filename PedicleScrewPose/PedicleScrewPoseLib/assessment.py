@@ -22,14 +22,21 @@ vertebra label map (TotalSegmentator-style: vertebrae named ``"T12"``, ``"L1"``,
   0 when fully contained: the largest signed distance to the bone surface
   over points of the outer envelope. The distance field is a Euclidean
   distance transform of the bone mask resampled to ~0.7 mm (the example CT
-  has 2.5 mm slices), sampled trilinearly. Bone is the vertebra's label; with
-  a CT, label voxels in a thin rim at the label's surface that are darker than
-  cortex are not counted (the label's over-segmentation), the inside
-  (cancellous bone) always is;
-* **direction** of the worst point (medial / lateral / cranial / caudal /
-  anterior / posterior) from the outward normal of the screw's envelope there,
-  in the vertebra frame; a medial breach is flagged on its own
-  (``medial_flag``), whatever the worst direction, since it faces the canal;
+  has 2.5 mm slices), sampled trilinearly. Bone is the vertebra's label (the
+  definition the simulator's truth uses); optionally (``bone="ct"``) label
+  voxels in a thin rim at the label's surface that are darker than cortex on
+  the CT are not counted (the label's over-segmentation), the inside
+  (cancellous bone) always is. The first ``ENTRY_SKIP_MM`` of shaft below the
+  entry are not counted (it crosses the oblique posterior surface by design);
+* **direction** of the breach (medial / lateral / cranial / caudal /
+  anterior / posterior): the outward normals of the screw's envelope averaged
+  over the points outside bone (weighted by how far out), in the vertebra
+  frame; per direction, the largest breach of the points facing it
+  (``directions_mm``); a breach into the spinal canal (points of the envelope
+  outside bone and inside the vertebral foramen's footprint, found as the
+  holes of the label in axial slices at the pedicles' height; counted by the
+  lesser of the two depths) is flagged on its own (``medial_flag``,
+  ``canal_mm``), whatever the worst direction, since it faces the cord;
 * **grade** (Gertzbein-Robbins): A no breach, B < 2 mm, C 2-4 mm, D 4-6 mm,
   E > 6 mm (boundaries belong to the higher grade);
 * **uncertainty**: a pose standard deviation (mm; explicit, or the screw's
@@ -73,8 +80,12 @@ GRADE_COLORS = {"A": "#1a9850", "B": "#91cf60", "C": "#fd8d3c", "D": "#e31a1c", 
 #: Breaches at or below this (mm) count as contained (grade A): below the resolution of a label
 #: made on CT (the example CT has 2.5 mm slices); planning also accepts a planned screw up to it.
 CONTAINED_TOLERANCE_MM = 0.5
-#: A medial breach beyond this (mm) raises ``medial_flag`` (the same tolerance as grade A).
+#: A breach into the spinal canal beyond this (mm) raises ``medial_flag`` (the same tolerance as grade A).
 MEDIAL_FLAG_MM = CONTAINED_TOLERANCE_MM
+#: Which bone the breach is measured against by default: "label" (the vertebra's label, the same
+#: definition as truth.json's breach_mm from planning.py) or "ct" (the label less its rim voxels
+#: darker than cortex). bench/bench_assessment.py measures both against the truth.
+DEFAULT_BONE = "label"
 #: The first millimetres of shaft below the entry are not counted: there the shaft crosses the
 #: oblique posterior bone surface by design. The same definition as the simulator's truth
 #: (planning.ENTRY_SKIP_MM, planning.breach_distance_mm).
@@ -96,7 +107,7 @@ def assess_screws(screws: list[dict], ct, labels, pose_sigma=None, *, anatomy: "
     standard deviation in mm used for every screw (overrides per-screw
     values), or None. ``anatomy``: a prepared :class:`Anatomy` to reuse its
     per-vertebra distance fields across calls. ``bone``: "label" or "ct"
-    (default: "ct" when a CT is given).
+    (default "label": the simulator's truth uses the label, see ``DEFAULT_BONE``).
 
     Returns new dicts: each input entry plus ``level``, ``side``, ``breach``
     and ``trajectory`` (see the module docstring).
@@ -119,15 +130,19 @@ def assess_screw(screw: dict, anatomy: "Anatomy", pose_sigma=None, where: str = 
     tip = entry + length_mm * axis
     radius = 0.5 * diameter_mm
 
+    not_assessed = {"grade": None, "max_mm": None, "direction": None, "medial_flag": False,
+                    "grade_uncertain": False, "grade_range": [None, None], "signed_mm": None,
+                    "sigma_mm": None, "directions_mm": {}}
     label, fraction = anatomy.level_of_shaft(entry, axis, length_mm, radius)
     if label is None:
-        out.update(level=None, side=None, level_fraction=0.0,
-                   breach={"grade": None, "max_mm": None, "direction": None, "medial_flag": False,
-                           "grade_uncertain": False, "grade_range": [None, None], "signed_mm": None,
-                           "sigma_mm": None, "directions_mm": {}},
-                   trajectory=None)
+        out.update(level=None, side=None, level_fraction=0.0, breach=not_assessed, trajectory=None)
         return out
-    vert = anatomy.vertebra(label)
+    try:
+        vert = anatomy.vertebra(label)
+    except ValueError as exc:  # a label too small or odd to build a frame from: name it, grade nothing
+        out.update(level=anatomy.names.get(label), side=None, level_fraction=round(float(fraction), 3),
+                   breach={**not_assessed, "error": str(exc)}, trajectory=None)
+        return out
     side = vert.side_of(entry)
     out["level"] = vert.name
     out["side"] = side
@@ -144,7 +159,8 @@ def assess_screw(screw: dict, anatomy: "Anatomy", pose_sigma=None, where: str = 
         "grade": g,
         "max_mm": round(b["max_mm"], 3),
         "direction": b["direction"],
-        "medial_flag": bool(b["directions_mm"].get("medial", 0.0) > MEDIAL_FLAG_MM),
+        "medial_flag": bool(b["canal_mm"] > MEDIAL_FLAG_MM),
+        "canal_mm": round(b["canal_mm"], 3),
         "grade_uncertain": lo != hi,
         "grade_range": [lo, hi],
         "signed_mm": round(b["signed_mm"], 3),
@@ -260,7 +276,7 @@ class Anatomy:
 
     ``labels``: LabelVolume (``array`` [k, j, i] integers, ``ijk_to_ras``,
     ``names``). ``ct``: Volume in HU (any grid in the same world) or None.
-    ``bone``: "label" or "ct" (default "ct" when a CT is given). ``voxel_mm``:
+    ``bone``: "label" or "ct" (default ``DEFAULT_BONE``). ``voxel_mm``:
     target spacing of the resampled per-vertebra grid. ``margin_mm``: how far
     around each vertebra its distance field reaches (beyond that, a breach
     saturates at about this value).
@@ -272,7 +288,7 @@ class Anatomy:
             raise ValueError("Anatomy: labels must be a LabelVolume (array [k,j,i] + ijk_to_ras + names)")
         self.labels = labels
         self.ct = ct
-        self.bone = bone or ("ct" if ct is not None else "label")
+        self.bone = bone or DEFAULT_BONE
         if self.bone not in ("label", "ct"):
             raise ValueError(f"Anatomy: bone must be 'label' or 'ct', got {self.bone!r}")
         if self.bone == "ct" and ct is None:
@@ -394,6 +410,7 @@ class Vertebra:
         self._build_grid()
         self._build_frame()
         self._build_pedicles()
+        self._build_canal()
 
     # -- grid and distance field
     def _build_grid(self):
@@ -465,9 +482,19 @@ class Vertebra:
     def signed_distance_mm(self, ras_mm) -> np.ndarray:
         """Signed distance (mm) to the bone surface at RAS points (N,3): < 0 inside bone, > 0 outside.
 
-        Outside the resampled block, the value at its border (a lower bound of the truth).
+        Beyond the resampled block (``margin_mm`` around the label), the value at its border plus
+        the distance past the border (as planning.py does); beyond the label volume itself (a
+        vertebra cut by the scan) just the border value: nothing is known there.
         """
-        return ndimage.map_coordinates(self.sdf, self.to_grid(ras_mm), order=1, mode="nearest")
+        g = self.to_grid(ras_mm)
+        d = ndimage.map_coordinates(self.sdf, g, order=1, mode="nearest")
+        lo, hi, _ = self._crop
+        shape = self.anatomy._arr.shape
+        top = (np.array(self.sdf.shape, float) - 1.0)[:, None]
+        below = np.maximum(0.0, -g) * np.array([lo[a] > 0 for a in range(3)], float)[:, None]
+        above = np.maximum(0.0, g - top) * np.array([hi[a] < shape[a] for a in range(3)], float)[:, None]
+        past = (below + above) * np.asarray(self.grid_spacing, float)[:, None]
+        return d + np.linalg.norm(past, axis=0)
 
     def _grid_points_ras(self, mask, max_points=None, rng_seed=0):
         kji = np.argwhere(mask)
@@ -508,16 +535,21 @@ class Vertebra:
             sup = np.array([0.0, 0.0, 1.0])  # a lone vertebra: assume the world's superior
         sup = sup / np.linalg.norm(sup)
         # A vertebra cut by the CT's field of view has a truncated body: trust the neighbours then.
-        self.truncated = any(sl.start == 0 or sl.stop == n for sl, n in zip(A.boxes[self.label], A._arr.shape))
+        self.truncated = any(sl.start == 0 or sl.stop == size for sl, size in zip(A.boxes[self.label], A._arr.shape))
         use_pca = disc_like and not self.truncated and abs(pca_normal @ sup) > math.cos(math.radians(35))
         z = pca_normal if use_pca else sup
         z = z * np.sign(z @ sup)
         # Anterior: from the posterior elements (everything away from the body) to the body.
         body_region = ndimage.distance_transform_edt(~core, sampling=self.grid_spacing) <= 0.6 * dmax + 1.0
         post = self._grid_points_ras(self.label_mask & ~body_region, 20000)
-        if len(post) < 10:
-            raise ValueError(f"vertebra {self.name}: label has no posterior elements apart from the body")
-        y = body_centre - post.mean(axis=0)
+        self.frame_quality = "anatomical"
+        if len(post) >= 10:
+            y = body_centre - post.mean(axis=0)
+        else:  # no posterior elements in the label (cut by the scan): the world's anterior
+            y = np.array([0.0, 1.0, 0.0])
+            self.frame_quality = "fallback: no posterior elements in the label, world anterior used"
+        if np.linalg.norm(y - (y @ z) * z) < 1e-6:
+            y = np.cross(z, [1.0, 0.0, 0.0]) if abs(z[0]) < 0.9 else np.cross(z, [0.0, 1.0, 0.0])
         y = y - (y @ z) * z
         y /= np.linalg.norm(y)
         x = np.cross(y, z)
@@ -564,7 +596,6 @@ class Vertebra:
     def _build_pedicles(self):
         """Pedicle isthmus centre per side: the narrowest coronal slab between body and posterior elements."""
         pts = self.to_frame(self._grid_points_ras(self.label_mask, 60000, rng_seed=2))
-        cell = float(np.prod(self.grid_spacing))
         core_r = 0.6 * self.body_depth_mm
         # The body's posterior wall: where the label in the midline stops, going back from the centre.
         mid = pts[(np.abs(pts[:, 0]) < 4.0) & (np.abs(pts[:, 2]) < core_r)]
@@ -600,7 +631,54 @@ class Vertebra:
             c = slabs[i].mean(axis=0).copy()
             c[1] = ys[i]
             self.pedicle_centres_mm[side] = self.T_world_from_vertebra[:3, :3] @ c + self.T_world_from_vertebra[:3, 3]
-        self._cell_mm3 = cell
+
+    # -- spinal canal
+    def _build_canal(self, step_mm: float = 0.75):
+        """The vertebral foramen's axial footprint (frame x, y), from the label's holes in axial slices.
+
+        The label is resampled on a grid of the vertebra frame; in each axial
+        slice the holes of the label are filled; the holes that reach the
+        midline behind the body are the canal. Its footprint is taken at the
+        pedicles' height (above and below, the ring is open or widens into the
+        foramina): a point "faces the canal" when its (x, y) is in it.
+        """
+        pts = self.to_frame(self._grid_points_ras(self.label_mask, 40000, rng_seed=3))
+        lo = np.floor(pts.min(axis=0)) - 2.0
+        hi = np.ceil(pts.max(axis=0)) + 2.0
+        axes = [lo[a] + step_mm * np.arange(int((hi[a] - lo[a]) / step_mm) + 1) for a in range(3)]
+        X, Y, Z = np.meshgrid(*axes, indexing="ij")
+        frame = np.stack([X, Y, Z], axis=-1).reshape(-1, 3)
+        T = self.T_world_from_vertebra
+        world = frame @ T[:3, :3].T + T[:3, 3]
+        inside = (ndimage.map_coordinates(self.label_sdf, self.to_grid(world), order=1, mode="nearest")
+                  <= 0.0).reshape(X.shape)
+        holes = np.zeros_like(inside)
+        for iz in range(inside.shape[2]):
+            sl = inside[:, :, iz]
+            if sl.any():
+                holes[:, :, iz] = ndimage.binary_fill_holes(sl) & ~sl
+        lab, n = ndimage.label(holes)
+        strip = (np.abs(X) < 3.0) & (Y < self.pedicle_wall_y_mm + 2.0)
+        keep = [v for v in np.unique(lab[strip & holes]) if v > 0]
+        canal = np.isin(lab, keep)
+        # The footprint at the pedicles' mid-height, where the canal's lateral walls are the pedicles'
+        # medial walls (above and below, the hole widens into the lateral recesses and foramina,
+        # which a cranial or caudal breach reaches without entering the canal).
+        peds = [self.to_frame(c)[0, 2] for c in self.pedicle_centres_mm.values()]
+        mid = (np.abs(axes[2] - np.mean(peds)) <= 2.5) if peds else np.ones(len(axes[2]), bool)
+        self.canal_xy = canal[:, :, mid].any(axis=2) if canal[:, :, mid].any() else canal.any(axis=2)
+        self._canal_lo, self._canal_step = lo, step_mm
+        self._canal_depth = np.maximum(-_signed_distance(self.canal_xy, (step_mm, step_mm)), 0.0)
+        self._z_range = (float(pts[:, 2].min()), float(pts[:, 2].max()))
+
+    def canal_depth_mm(self, ras_mm) -> np.ndarray:
+        """How far (mm) RAS points (N,3) lie inside the canal's axial footprint (0 outside it, or
+        more than 5 mm above / below the vertebra)."""
+        f = self.to_frame(ras_mm)
+        ij = ((f[:, :2] - self._canal_lo[:2]) / self._canal_step).T
+        depth = ndimage.map_coordinates(self._canal_depth, ij, order=1, mode="constant", cval=0.0)
+        level = (f[:, 2] > self._z_range[0] - 5.0) & (f[:, 2] < self._z_range[1] + 5.0)
+        return np.where(level, depth, 0.0)
 
     # -- breach
     def breach(self, entry, axis, length_mm, radius_mm, side) -> dict:
@@ -635,7 +713,18 @@ class Vertebra:
             w = np.maximum(d - CONTAINED_TOLERANCE_MM, 0.0) ** 2
             mean_dir = (w[:, None] * comp).sum(axis=0)
             direction = str(names[int(np.argmax(mean_dir))])
+        # Into the spinal canal: how far the outer surface is out of bone where it faces the canal.
+        out_pts = d > CONTAINED_TOLERANCE_MM
+        if self.canal_xy.any():
+            # A point counts by the lesser of how far it is out of bone and how far it is into the
+            # canal's footprint: a screw leaving its pedicle up or down next to the canal's wall
+            # is out of bone, but not in the canal.
+            into = np.minimum(d, self.canal_depth_mm(pts))
+            canal_mm = float(into[out_pts].max()) if out_pts.any() else 0.0
+        else:  # no canal found in the label: the medially facing points stand in for it
+            canal_mm = out_dirs.get("medial", 0.0)
         return {"max_mm": breach, "signed_mm": signed, "direction": direction, "directions_mm": out_dirs,
+                "canal_mm": canal_mm,
                 "beyond_scan_fraction": beyond}
 
     # -- trajectory

@@ -39,6 +39,7 @@ class Match:
 
     members: dict
     flipped: dict = field(default_factory=dict)
+    head_only: frozenset = frozenset()  # views whose instance's far end is not used (merged blobs)
     head_mm: np.ndarray | None = None
     tip_mm: np.ndarray | None = None
     cost: float = np.inf
@@ -165,24 +166,31 @@ class _Context:
             h, t = t, h
         return h, t, inst
 
-    def evaluate(self, members, flipped):
-        """Triangulate a hypothesis from its members and score it; None when it fails a gate."""
-        Ps, heads, tips, wts = [], [], [], []
+    def evaluate(self, members, flipped, head_only=frozenset()):
+        """Triangulate a hypothesis from its members and score it; None when it fails a gate.
+
+        Views in ``head_only`` give their head point; their instance's far end (which in a blob
+        of two superimposed screws belongs to either) only has to lie on the axis line."""
+        Ps, heads, tips, wts, tPs = [], [], [], [], []
         for vi, k in members.items():
             h, t, inst = self._ends(vi, k, flipped.get(vi, False))
             Ps.append(self.Ps[vi])
             heads.append(h)
-            tips.append(t)
-            wts.append(max(inst.visible_fraction, 0.05))
+            if vi not in head_only:
+                tPs.append(self.Ps[vi])
+                tips.append(t)
+                wts.append(max(inst.visible_fraction, 0.05))
+        if len(tPs) < 2:
+            return None
         try:
             H = geometry.triangulate_points(Ps, heads)
-            T = geometry.triangulate_points(Ps, tips, weights=wts)
+            T = geometry.triangulate_points(tPs, tips, weights=wts)
         except (ValueError, np.linalg.LinAlgError):
             return None
         if not (np.all(np.isfinite(H)) and np.all(np.isfinite(T))):
             return None
         length = np.linalg.norm(T - H)
-        if length > 110.0:
+        if length > 85.0:  # longest catalogue screw (60 mm) plus half a head, with slack
             return None
         cost = 0.0
         for vi, k in members.items():
@@ -190,20 +198,34 @@ class _Context:
             if geometry.depth(P, H)[0] <= 0 or geometry.depth(P, T)[0] <= 0:
                 return None
             h, t, inst = self._ends(vi, k, flipped.get(vi, False))
-            eh, et = self._errors(vi, H, T, h, t, inst)
+            eh, et = self._errors(vi, H, T, h, t, inst, line_only=vi in head_only)
             if eh > self.gh or et > self.gt:
                 return None
             cost += (eh / self.gh) ** 2 + (et / self.gt) ** 2
         return Match(members=dict(members), flipped=dict(flipped), head_mm=H, tip_mm=T,
-                     cost=cost / len(members))
+                     cost=cost / len(members) + 0.1 * len(head_only), head_only=frozenset(head_only))
 
-    def _errors(self, vi, H, T, h_px, t_px, inst):
-        """Head and tip reprojection errors in mm at the screw."""
+    def _errors(self, vi, H, T, h_px, t_px, inst, line_only=False):
+        """Head and tip reprojection errors in mm at the screw (``line_only``: the tip's
+        distance across the instance's axis line only)."""
         mm = mm_per_px_at(self.views[vi], H)
         ph = geometry.project(self.Ps[vi], H)
         pt = geometry.project(self.Ps[vi], T)
         eh = np.linalg.norm(ph - h_px) * mm
-        et_px = np.linalg.norm(pt - t_px)
+        seg = np.asarray(t_px, float) - np.asarray(h_px, float)
+        n = np.linalg.norm(seg)
+        if n > 2.0:
+            # Across the axis counts fully; along it less: where a shaft runs on into another
+            # screw's shaft the instance's far end is the least reliable thing about it.
+            d = seg / n
+            rel = pt - t_px
+            et_px = np.hypot(rel @ np.array([-d[1], d[0]]), 0.3 * (rel @ d))
+            if (pt - ph) @ d < 0 and inst.visible_fraction >= 0.25:
+                et_px = max(et_px, np.linalg.norm(pt - t_px))  # pointing the wrong way: no leniency
+            elif line_only:
+                et_px = abs(rel @ np.array([-d[1], d[0]]))
+        else:
+            et_px = np.linalg.norm(pt - t_px)
         if inst.has_head and inst.visible_fraction < 0.25:
             # Shaft hidden behind the head here: the tip only has to project into the head blob.
             et_px = max(0.0, et_px - 1.5 * inst.head_radius_px)
@@ -225,9 +247,10 @@ class _Context:
                     members[vk] = c
                     flipped = dict(h.flipped)
                     flipped[vk] = fl
-                    g = self.evaluate(members, flipped)
-                    if g is not None and (best is None or g.cost < best.cost):
-                        best = g
+                    for ho in (h.head_only, h.head_only | {vk}):
+                        g = self.evaluate(members, flipped, ho)
+                        if g is not None and (best is None or g.cost < best.cost):
+                            best = g
             if best is not None:
                 h = best
                 continue
@@ -236,11 +259,12 @@ class _Context:
             pt = geometry.project(self.Ps[vk], h.tip_mm)
             if self.fg is not None and self.inside(vk, ph) and self.inside(vk, pt):
                 f = self.fg[vk]
-                s = np.linspace(0, 1, 12)
+                s = np.linspace(0.05, 0.85, 12)  # the very tip is a thin cone: stay inside
                 pts = ph[None] * (1 - s[:, None]) + pt[None] * s[:, None]
                 vals = f[np.clip(np.round(pts[:, 1]).astype(int), 0, f.shape[0] - 1),
                          np.clip(np.round(pts[:, 0]).astype(int), 0, f.shape[1] - 1)]
-                if vals.mean() < 0.3:
+                # Both ends and most of the axis must lie on foreground.
+                if vals.mean() < 0.6 or vals[0] < 0.5 or vals[-1] < 0.5:
                     return None
             h.cost += 0.5  # seen in fewer views than it could be
         return h

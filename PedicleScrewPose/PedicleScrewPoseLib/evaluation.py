@@ -42,7 +42,9 @@ def evaluate(result: dict, truth: dict, max_pair_mm: float = MAX_PAIR_MM) -> dic
         E = np.array([[np.linalg.norm(p[0] - t[0]) for t in true] for p in pred])
         T = np.array([[np.linalg.norm(p[1] - t[1]) for t in true] for p in pred])
         S = np.maximum(E, T)
-        rows, cols = linear_sum_assignment(S)
+        # Pairs over the limit cost the same large amount, so far-off predictions cannot
+        # steer the assignment: the most valid pairs first, then the smallest errors.
+        rows, cols = linear_sum_assignment(np.where(S > max_pair_mm, 1e6, S))
         for r, c in zip(rows, cols):
             if S[r, c] > max_pair_mm:
                 continue

@@ -87,14 +87,20 @@ def find_instances(probabilities, view_index: int = 0, mm_per_px: float = 0.4,
     max_len_px = 85.0 * px_mm  # longest screw + head, mm
 
     seeds = _head_seeds(head, min_head_area)
+    seed_id = np.zeros(head.shape, np.int32)
+    for k, m in enumerate(seeds, start=1):
+        seed_id[m] = k
     fg_v, fg_u = np.nonzero(fg)
     fg_uv = np.stack([fg_u, fg_v], 1).astype(float)
     fg_w = fg_p[fg_v, fg_u]
     head_flags = head[fg_v, fg_u]
     claimed = np.zeros(len(fg_uv), bool)
     instances: list[Instance] = []
-    for seed_mask in seeds:
-        inst, members = _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, px_mm, max_len_px, view_index)
+    fg_seed = seed_id[fg_v, fg_u]
+    for k, seed_mask in enumerate(seeds, start=1):
+        other_head = (fg_seed != 0) & (fg_seed != k)
+        inst, members = _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, other_head, px_mm, max_len_px,
+                                            view_index)
         if inst is not None:
             instances.append(inst)
             claimed |= members
@@ -174,6 +180,7 @@ def _head_seeds(head: np.ndarray, min_area: float) -> list[np.ndarray]:
         peaks = (dt == ndimage.maximum_filter(dt, size=size)) & (dt > 0.7 * r)
         pv, pu = np.nonzero(peaks)
         pts = _cluster_points(np.stack([pu, pv], 1).astype(float), r)
+        pts = _merge_without_neck(pts, dt)
         if len(pts) <= 1:
             full = np.zeros_like(head)
             full[sl] = blob
@@ -192,6 +199,28 @@ def _head_seeds(head: np.ndarray, min_area: float) -> list[np.ndarray]:
     return seeds
 
 
+def _merge_without_neck(pts: np.ndarray, dt: np.ndarray) -> np.ndarray:
+    """Keep two peaks apart only where the blob narrows between them (two touching heads);
+    an elongated single head (a cylinder seen from the side) has no neck."""
+    if len(pts) <= 1:
+        return pts
+    keep = [pts[0]]
+    for p in pts[1:]:
+        merged = False
+        for q in keep:
+            s = np.linspace(0, 1, 20)[:, None]
+            line = q[None] * (1 - s) + p[None] * s
+            vals = dt[np.clip(np.round(line[:, 1]).astype(int), 0, dt.shape[0] - 1),
+                      np.clip(np.round(line[:, 0]).astype(int), 0, dt.shape[1] - 1)]
+            ends = min(dt[int(p[1]), int(p[0])], dt[int(q[1]), int(q[0])])
+            if vals.min() >= 0.75 * ends:
+                merged = True
+                break
+        if not merged:
+            keep.append(p)
+    return np.array(keep)
+
+
 def _cluster_points(pts: np.ndarray, radius: float) -> np.ndarray:
     """Merge points closer than ``radius`` (greedy), returning cluster centres."""
     centres: list[np.ndarray] = []
@@ -204,7 +233,7 @@ def _cluster_points(pts: np.ndarray, radius: float) -> np.ndarray:
     return np.array(centres)
 
 
-def _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, px_mm, max_len_px, view_index):
+def _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, other_head, px_mm, max_len_px, view_index):
     """Follow the shaft from one head seed.  Returns (Instance, bool mask of claimed fg pixels)."""
     hv, hu = np.nonzero(seed_mask)
     centre = np.array([hu.mean(), hv.mean()])
@@ -230,6 +259,9 @@ def _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, px_mm, max_len_px, v
     rb = np.minimum(rho.astype(int), nbins - 1)
     hist = np.zeros((A, nbins))
     np.add.at(hist, (ab, rb), 1.0)
+    other = other_head[near]
+    hist_other = np.zeros((A, nbins))
+    np.add.at(hist_other, (ab[other], rb[other]), 1.0)
     hist_shaft = np.zeros((A, nbins))
     np.add.at(hist_shaft, (ab[shaft_only], rb[shaft_only]), 1.0)
     win = np.ceil(np.arcsin(np.clip(half_w / (np.arange(nbins) + 0.5), 0, 1)) / step).astype(int)
@@ -249,6 +281,11 @@ def _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, px_mm, max_len_px, v
     gap = max(2, int(round(1.0 * px_mm)))
     occupied = ndimage.maximum_filter1d(occupied.astype(np.uint8), size=2 * gap + 1, axis=1) > 0
     start = int(max(1, round(0.5 * r_head)))
+    # A run ends at another screw's head: each screw has one head, so a path through another
+    # head is not this screw's shaft (a shaft that does pass over a head is cut there; its far
+    # part becomes a head-less piece that is attached back to its head below).
+    counts_other = strip_counts(hist_other)
+    occupied &= counts_other < 0.5 * np.maximum(counts, 1.0)
     run = np.cumprod(occupied[:, start:], axis=1).sum(1)
     # Prefer directions that leave the head through shaft (not head) pixels.
     shaft_counts = strip_counts(hist_shaft).sum(1)
@@ -257,7 +294,7 @@ def _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, px_mm, max_len_px, v
     score_s = np.convolve(np.r_[score_dir[-2:], score_dir, score_dir[:2]], np.ones(5) / 5, "valid")
     best = int(np.argmax(score_s))
     direction = dirs[best]
-    run_len = start + run[best]
+    run_len = start + np.cumprod(occupied[best, start:]).sum()
     shaft_vis = max(0.0, run_len - r_head)
 
     # Refine the direction: least-squares line through the head centre and the strip's shaft pixels.

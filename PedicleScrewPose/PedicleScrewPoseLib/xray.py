@@ -183,7 +183,7 @@ class RenderParams:
             kvp=round(kvp, 1),
             filtration_mm_al=round(float(rng.uniform(2.5, 6.0)), 2),
             filtration_mm_cu=round(float(rng.choice([0.0, 0.0, 0.1, 0.2, 0.3])), 2),
-            photons_per_pixel=float(np.exp(rng.uniform(np.log(100.0), np.log(2e4)))),
+            photons_per_pixel=float(np.exp(rng.uniform(np.log(200.0), np.log(2e4)))),
             electronic_noise=float(rng.uniform(0.0, 0.004)),
             scatter_fraction=float(rng.uniform(0.05, 1.2)),
             scatter_sigma=float(rng.uniform(0.06, 0.2)),
@@ -488,19 +488,30 @@ def _screw_parts(spec, voxel_mm: float, device: str):
         hi = [min(arr.shape[d], int(nz[d].max()) + 2) for d in range(3)]
         sub = np.ascontiguousarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], np.float32)
         origin = np.asarray(sv.origin_mm, float) + sv.voxel_mm * np.array([lo[2], lo[1], lo[0]], float)
-        parts.append((name, torch.from_numpy(sub.copy()).to(device)[None, None], origin, float(sv.voxel_mm)))
+        t = torch.from_numpy(sub.copy()).to(device)
+        # The same volume as a one-material "CT" in the screw frame (voxel (i,j,k) -> screw mm).
+        A = np.diag([sv.voxel_mm, sv.voxel_mm, sv.voxel_mm, 1.0])
+        A[:3, 3] = origin
+        pct = PreparedCT(data=t[None], materials=("fraction",), ijk_to_ras=A, key=f"{spec}-{name}")
+        parts.append((name, t[None, None], origin, float(sv.voxel_mm), pct))
     return parts
 
 
 def screw_path_lengths(screws, view: geometry.View, device="cpu", voxel_mm: float = 0.25,
-                       step_fraction: float = 0.5, max_samples: int = 4_000_000):
+                       method: str = "auto", step_fraction: float = 0.5, max_samples: int = 4_000_000):
     """Titanium path length (mm) per pixel: ``(head_mm [v, u], shaft_mm [v, u])`` float32 tensors.
 
-    Each screw's attenuation volume (titanium fraction, screw frame) is sampled trilinearly
-    along the rays of the pixels inside its projected box only, from where each ray enters
-    the material's box to where it leaves, at steps of ``step_fraction * voxel_mm`` or less.
-    Overlapping screws add up.
+    Each screw's attenuation volume (titanium fraction per ``voxel_mm`` voxel, screw frame;
+    head and shaft cropped to their material) is integrated along the rays of the pixels inside
+    its projected box only. ``method``: "joseph" (as :func:`ct_line_integrals`: one bilinear
+    sample per voxel slice across the rays' main axis), "march" (trilinear samples from where
+    each ray enters the box to where it leaves, at steps of ``step_fraction * voxel_mm`` or
+    less), or "auto" (default: march for a screw seen end-on, within ~21 deg of its axis, where
+    clipping each ray to the box saves most; Joseph otherwise, ~3x faster there). They agree to
+    NCC > 0.9999 and both conserve the titanium volume. Overlapping screws add up.
     """
+    if method not in ("joseph", "march", "auto"):
+        raise ValueError(f"screw_path_lengths: method must be 'auto', 'joseph' or 'march', got {method!r}")
     W, H = int(view.width), int(view.height)
     head = torch.zeros((H, W), dtype=torch.float32, device=device)
     shaft = torch.zeros((H, W), dtype=torch.float32, device=device)
@@ -510,7 +521,7 @@ def screw_path_lengths(screws, view: geometry.View, device="cpu", voxel_mm: floa
     for s in screws:
         T = np.asarray(s.T_world_from_screw, float)
         Rws, tws = T[:3, :3], T[:3, 3]
-        for name, vol, origin, h in _screw_parts(s.spec, float(voxel_mm), str(torch.device(device))):
+        for name, vol, origin, h, pct in _screw_parts(s.spec, float(voxel_mm), str(torch.device(device))):
             shape_xyz = np.array(vol.shape[:1:-1], float)          # (X, Y, Z)
             lo = origin - 0.5 * h
             hi = origin + (shape_xyz - 0.5) * h
@@ -524,8 +535,20 @@ def screw_path_lengths(screws, view: geometry.View, device="cpu", voxel_mm: floa
             if u1 < u0 or v1 < v0:
                 continue
             target = head if name == "head" else shaft
-            vals = _march_box(vol, origin, h, lo, hi, Rws, tws, src_w, P3inv, u0, u1, v0, v1,
-                              step_fraction * h, max_samples, device)
+            use = method
+            if use == "auto":
+                centre = bw.mean(axis=0)
+                ray = (centre - src_w) / np.linalg.norm(centre - src_w)
+                use = "march" if abs(float(ray @ Rws[:, 2])) > 0.93 else "joseph"
+            if use == "joseph":
+                # The pixel window as its own view: P of the window, volume grid in world via T.
+                Pw = np.array([[1.0, 0, -u0], [0, 1.0, -v0], [0, 0, 1]]) @ P
+                win = PreparedCT(data=pct.data, materials=pct.materials, ijk_to_ras=T @ pct.ijk_to_ras,
+                                 key=pct.key, _slabs=pct._slabs)
+                vals = _joseph(win, Pw, u1 - u0 + 1, v1 - v0 + 1, 2_000_000)[0] * 10.0   # fraction*cm -> mm
+            else:
+                vals = _march_box(vol, origin, h, lo, hi, Rws, tws, src_w, P3inv, u0, u1, v0, v1,
+                                  step_fraction * h, max_samples, device)
             target[v0:v1 + 1, u0:u1 + 1] += vals
     return head, shaft
 
@@ -1027,7 +1050,8 @@ def display(intensity, params: RenderParams, rng=None, labels=None, exclude=None
 
     Response ``-log(I/I0)`` (or ``1 - I/I0``), window between percentiles of the field, gamma,
     polarity, vignetting, circular field with a black surround, pincushion distortion,
-    burned-in text and markers, quantisation. ``exclude``: bool [v, u] of pixels the window
+    burned-in text and markers, quantisation. Labels outside the field (the black surround of an
+    image intensifier) become background: no screw can be seen there. ``exclude``: bool [v, u] of pixels the window
     ignores (metal: as on real consoles, anatomy sets the brightness and metal saturates).
     """
     rng = np.random.default_rng(rng)
@@ -1068,7 +1092,9 @@ def display(intensity, params: RenderParams, rng=None, labels=None, exclude=None
         edge = torch.clamp((params.field_radius * W - r * 0.5 * W) + 0.5, 0, 1)
         y = y * edge
     y_np = y.cpu().numpy()
-    lab = None if labels is None else np.asarray(labels, np.uint8)
+    lab = None if labels is None else np.asarray(labels, np.uint8).copy()
+    if lab is not None:
+        lab[~inside] = 0      # nothing is visible in the unexposed surround of the field
     if params.pincushion > 0:
         y_np, lab = _pincushion(y_np, lab, params.pincushion)
     if params.burned_text or params.markers:

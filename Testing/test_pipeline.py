@@ -1,0 +1,166 @@
+"""The run command end to end on small cases: accuracy with true label maps, the network path,
+no screws, and bad inputs (one clear line, exit 1, no partial output folder)."""
+import json
+
+import numpy as np
+import pytest
+
+from PedicleScrewPoseLib import cli, evaluation, geometry, io, pipeline, screw as sc, xray
+
+ISO = (0.0, -20.0, 0.0)
+
+
+def small_views(size=256, pixel_mm=1.2):
+    return [geometry.ap_view(isocenter_mm=ISO, width=size, height=size, pixel_mm=pixel_mm),
+            geometry.lateral_view(isocenter_mm=ISO, width=size, height=size, pixel_mm=pixel_mm)]
+
+
+def bilateral(levels=2, seed=3):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(levels):
+        z = (i - (levels - 1) / 2) * 32.0
+        for side, name in ((-1, "R"), (1, "L")):
+            medial = np.deg2rad(rng.uniform(10, 18))
+            axis = np.array([-side * np.sin(medial), np.cos(medial), np.sin(np.deg2rad(rng.uniform(-6, 6)))])
+            entry = np.array([side * 22.0, -40.0 + rng.normal(0, 1.5), z])
+            L = float(rng.choice([40.0, 45.0]))
+            out.append(sc.Screw(spec=sc.ScrewSpec.from_size(6.5, L),
+                                T_world_from_screw=sc.pose_from_entry_tip(entry, entry + L * axis / np.linalg.norm(axis)),
+                                id=f"V{i}-{name}"))
+    return out
+
+
+def write_small_case(case_dir, screws, views=None, implants=True):
+    """A case folder with images made from the label maps (metal bright) and the truth."""
+    views = views or small_views()
+    labels = [xray.label_map(screws, v) if screws else np.zeros((v.height, v.width), np.uint8) for v in views]
+    rng = np.random.default_rng(0)
+    images = [np.clip(60 + 150 * (lab > 0) + rng.normal(0, 5, lab.shape), 0, 255).astype(np.uint8) for lab in labels]
+    log = [{"diameter_mm": s.spec.diameter_mm, "length_mm": s.spec.length_mm} for s in screws] if implants else None
+    io.write_case(case_dir, views, images, implants=log)
+    io.write_truth(case_dir, screws, {v.name: lab for v, lab in zip(views, labels)})
+    return case_dir
+
+
+@pytest.fixture(scope="module")
+def case_dir(tmp_path_factory):
+    return write_small_case(tmp_path_factory.mktemp("cases") / "case", bilateral())
+
+
+def test_run_with_true_labels_is_accurate(case_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", str(case_dir), "--out", str(out), "--truth-labels"]) == 0
+    result = io.read_result(out)
+    truth = io.read_truth(case_dir)
+    ev = evaluation.evaluate(result, truth)
+    assert ev["recall"] == 1.0 and ev["precision"] == 1.0
+    assert ev["summary"]["angle_deg"]["median"] < 1.0
+    assert ev["summary"]["segment_mm"]["median"] < 1.0
+    assert ev["summary"]["segment_mm"]["max"] < 2.5
+    for s in result["screws"]:
+        T = np.asarray(s["transform"])
+        assert np.allclose(T[:3, 3], s["entry_mm"], atol=1e-3)
+        axis = np.subtract(s["tip_mm"], s["entry_mm"])
+        assert np.allclose(T[:3, 2], axis / np.linalg.norm(axis), atol=1e-4)
+        assert np.isclose(np.linalg.norm(axis), s["length_mm"], atol=1e-2)
+        assert s["length_mm"] in (40.0, 45.0) and s["diameter_mm"] == 6.5
+        assert set(s["views"]) == {"AP", "LAT"} and 0 < s["confidence"] <= 1
+    for k in ("segmentation", "correspondence", "pose", "total"):
+        assert result["timing_s"][k] >= 0
+    for name in ("AP", "LAT"):
+        lab = io.read_image(out / f"{name}_labels.png")
+        assert lab.shape == (256, 256) and set(np.unique(lab)) <= {0, 1, 2}
+        assert (out / f"{name}_overlay.png").exists() and (out / f"{name}_fit.png").exists()
+    assert not list(case_dir.glob("result.json"))  # nothing written into the case
+    assert "4 screws found" in capsys.readouterr().out
+    # A second run into the same folder needs --overwrite.
+    assert cli.main(["run", str(case_dir), "--out", str(out), "--truth-labels"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(["run", str(case_dir), "--out", str(out), "--truth-labels", "--overwrite"]) == 0
+
+
+def test_run_case_with_three_views_and_no_implant_log(tmp_path):
+    views = small_views(size=192, pixel_mm=1.6) + [geometry.carm_view(
+        "OBL", isocenter_mm=ISO, lao_deg=40, cranial_deg=15, width=192, height=192, pixel_mm=1.6)]
+    screws = bilateral(levels=1, seed=5)
+    case = io.read_case(write_small_case(tmp_path / "c3", screws, views=views, implants=False))
+    probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
+    result = pipeline.run_case(case, probabilities=probs, assess=False)
+    ev = evaluation.evaluate(result, io.read_truth(case.root))
+    assert ev["recall"] == 1.0 and ev["precision"] == 1.0
+    assert ev["summary"]["segment_mm"]["max"] < 2.5
+    # Sizes estimated from the images, snapped to the catalogue.
+    for s in result["screws"]:
+        assert 5.0 <= s["diameter_mm"] <= 8.0 and 35.0 <= s["length_mm"] <= 50.0
+        assert set(s["views"]) == {"AP", "LAT", "OBL"}
+
+
+def test_run_with_the_network(case_dir, tmp_path):
+    out = tmp_path / "net"
+    assert cli.main(["run", str(case_dir), "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["format"] == "pedicle-screw-result/1"
+    assert result["timing_s"]["segmentation"] > 0
+    for s in result["screws"]:
+        assert np.all(np.isfinite(s["entry_mm"])) and 0 <= s["confidence"] <= 1
+    lab = io.read_image(out / "AP_labels.png")
+    assert lab.shape == (256, 256)
+
+
+def test_no_screws_gives_an_empty_list(tmp_path):
+    case = write_small_case(tmp_path / "empty", [])
+    out = tmp_path / "out"
+    assert cli.main(["run", str(case), "--out", str(out), "--truth-labels"]) == 0
+    result = io.read_result(out)
+    assert result["screws"] == [] and result["unmatched"] == []
+    assert (out / "AP_fit.png").exists()
+
+
+def _broken_copy(case_dir, tmp_path, edit):
+    import shutil
+
+    dst = tmp_path / "broken"
+    shutil.copytree(case_dir, dst)
+    doc = json.loads((dst / "case.json").read_text())
+    edit(doc, dst)
+    (dst / "case.json").write_text(json.dumps(doc))
+    return dst
+
+
+def _assert_fails_cleanly(case, tmp_path, capsys, expect):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(case), "--out", str(out), "--truth-labels"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp folder left
+
+
+def test_bad_inputs_fail_cleanly(case_dir, tmp_path, capsys):
+    _assert_fails_cleanly(tmp_path / "nope", tmp_path, capsys, "does not exist")
+
+    def missing_image(doc, d):
+        (d / doc["views"][1]["image"]).unlink()
+    _assert_fails_cleanly(_broken_copy(case_dir, tmp_path / "a", missing_image), tmp_path / "a", capsys,
+                          "does not exist")
+
+    def singular(doc, d):
+        doc["views"][0]["projection_matrix"] = [[1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 1]]
+    _assert_fails_cleanly(_broken_copy(case_dir, tmp_path / "b", singular), tmp_path / "b", capsys, "singular")
+
+    def nan(doc, d):
+        doc["views"][1]["projection_matrix"][0][0] = float("nan")
+    _assert_fails_cleanly(_broken_copy(case_dir, tmp_path / "c", nan), tmp_path / "c", capsys, "projection_matrix")
+
+    # Output inside the case folder is refused.
+    assert cli.main(["run", str(case_dir), "--out", str(case_dir / "out"), "--truth-labels"]) == 1
+    assert not (case_dir / "out").exists()
+
+
+def test_probabilities_must_fit_the_views(case_dir):
+    case = io.read_case(case_dir)
+    with pytest.raises(ValueError, match="shape"):
+        pipeline.run_case(case, probabilities=[np.zeros((3, 10, 10), np.float32)] * 2)
+    with pytest.raises(ValueError, match="2 views"):
+        pipeline.run_case(case, probabilities=[np.zeros((3, 256, 256), np.float32)])

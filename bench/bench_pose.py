@@ -1,0 +1,194 @@
+"""Pose benchmark: detection and pose errors over a fixed simulated test set, and run time.
+
+    .venv/bin/python bench/bench_pose.py [--n-cases 30] [--modes truth,network] [--max-minutes M]
+
+* Test set: ``--n-cases`` cases simulated from the example CT with the realistic simulator
+  (``simulate.simulate_case``, AP + lateral + one oblique, 512x512, 4-6 bilateral levels),
+  seeds ``SEED_BASE + i``: a range the segmentation training never uses (training draws
+  from ``training.DEFAULT_SEED`` and ``+ TEST_SEED_OFFSET``).  Cached under ``--cache``
+  (default ``bench/.cache/pose``, not committed); generation and evaluation are resumable:
+  a rerun skips what is done, so ``--max-minutes`` can split the work over several calls.
+* Each case runs with true label maps (one-hot: geometry error alone) and with the shipped
+  network (``--modes``), each on AP + lateral and on AP + lateral + oblique.
+* Metrics (evaluation.py): recall, precision, angle / entry / tip / segment errors with
+  median, mean, p95 and max.
+* Run time per stage of ``pipeline.run_case`` for an 8-screw, 2-view 512x512 case
+  (network included), median of 3 runs, on this machine's CPU (2 threads) and on CUDA
+  when available.
+
+Writes ``bench/results/pose.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SEED_BASE = 91_000_000
+VIEW_NAMES = ("ap", "lat", "obl")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-cases", type=int, default=30)
+    ap.add_argument("--cache", default=str(HERE / ".cache" / "pose"))
+    ap.add_argument("--out", default=str(HERE / "results" / "pose.json"))
+    ap.add_argument("--modes", default="truth,network")
+    ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-timing", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from tqdm import tqdm
+
+    from PedicleScrewPoseLib import evaluation, io, pipeline
+
+    t_stop = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    cache = Path(args.cache)
+    cases_dir = cache / "cases"
+    evals_dir = cache / "evals"
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    evals_dir.mkdir(parents=True, exist_ok=True)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    # 1. The test set.
+    names = [f"case{i:03d}" for i in range(args.n_cases)]
+    todo = [n for n in names if not (cases_dir / n / "truth" / "truth.json").exists()]
+    if todo:
+        from PedicleScrewPoseLib import ct as ctmod, simulate
+
+        ct, labels = ctmod.example_ct()
+        sim_cache: dict = {}
+        for n in tqdm(todo, desc="simulating test cases"):
+            if t_stop and time.time() > t_stop:
+                print("time limit reached while simulating; rerun to continue")
+                return 3
+            i = int(n[4:])
+            d = cases_dir / n
+            if d.exists():
+                import shutil
+
+                shutil.rmtree(d)  # an interrupted case
+            simulate.simulate_case(d, ct, labels, seed=SEED_BASE + i, view_names=VIEW_NAMES,
+                                   image_size=args.image_size, realistic=True, device=args.device, cache=sim_cache)
+
+    # 2. Runs and evaluations.
+    model = None
+    for n in tqdm(names, desc="running the pipeline"):
+        out = evals_dir / f"{n}.json"
+        done = json.loads(out.read_text()) if out.exists() else {}
+        if all(f"{m}/{k}" in done for m in modes for k in ("2views", "3views")):
+            continue
+        if t_stop and time.time() > t_stop:
+            print("time limit reached while evaluating; rerun to continue")
+            return 3
+        case = io.read_case(cases_dir / n)
+        truth = io.read_truth(cases_dir / n)
+        for mode in modes:
+            if mode == "truth":
+                probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
+                seg_s = 0.0
+            elif mode == "network":
+                from PedicleScrewPoseLib import segmentation
+
+                model = model or segmentation.load_model(device=args.device)
+                t = time.perf_counter()
+                probs = segmentation.segment(case.images, model=model, metal=[v.metal for v in case.views],
+                                             device=args.device)
+                seg_s = time.perf_counter() - t
+            else:
+                raise ValueError(f"unknown mode {mode!r}")
+            for k, nv in (("2views", 2), ("3views", 3)):
+                sub = dataclasses.replace(case, views=case.views[:nv], images=case.images[:nv])
+                res = pipeline.run_case(sub, probabilities=probs[:nv], device=args.device, assess=False)
+                ev = evaluation.evaluate(res, truth)
+                ev["timing_s"] = res["timing_s"]
+                ev["timing_s"]["segmentation"] = seg_s * nv / len(case.views)
+                ev["unmatched"] = res["unmatched"]
+                done[f"{mode}/{k}"] = ev
+        io.write_json_atomic(out, done)
+
+    # 3. Summaries.
+    report = {
+        "benchmark": "pose",
+        "command": "python bench/bench_pose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "test_set": {"n_cases": len(names), "seed_base": SEED_BASE, "views": list(VIEW_NAMES),
+                     "image_size": args.image_size, "simulator": "simulate.simulate_case(realistic=True)",
+                     "cases": str(cases_dir)},
+        "targets": {"recall": 0.98, "precision": 0.98, "angle_deg_median": 1.0, "segment_mm_median": 1.0,
+                    "angle_deg_p95": 2.0, "segment_mm_p95": 2.0, "run_s_8_screws_2_views_512": 10.0},
+        "results": {},
+    }
+    all_evals = {n: json.loads((evals_dir / f"{n}.json").read_text()) for n in names
+                 if (evals_dir / f"{n}.json").exists()}
+    for mode in modes:
+        for k in ("2views", "3views"):
+            evs = [e[f"{mode}/{k}"] for e in all_evals.values() if f"{mode}/{k}" in e]
+            if not evs:
+                continue
+            s = evaluation.summarize(evs)
+            reasons: dict = {}
+            for e in evs:
+                for u in e.get("unmatched", []):
+                    reasons[u["reason"]] = reasons.get(u["reason"], 0) + 1
+            s["unmatched_reasons"] = reasons
+            s["worst_cases"] = sorted(
+                ({"case": n, "recall": e[f"{mode}/{k}"]["recall"], "precision": e[f"{mode}/{k}"]["precision"],
+                  "segment_mm_max": e[f"{mode}/{k}"]["summary"]["segment_mm"]["max"]}
+                 for n, e in all_evals.items() if f"{mode}/{k}" in e),
+                key=lambda r: (r["recall"] + r["precision"], -(r["segment_mm_max"] or 0)))[:5]
+            report["results"][f"{mode}/{k}"] = s
+            print(evaluation.format_summary(s, title=f"\n== {mode} labels, {k} =="))
+
+    # 4. Run time of the whole run for an 8-screw 2-view case.
+    if not args.skip_timing:
+        report["timing"] = _timing(cases_dir, names, args.device)
+        if args.device == "cpu" and torch.cuda.is_available():
+            report["timing_cuda"] = _timing(cases_dir, names, "cuda")
+    io.write_json_atomic(args.out, report)
+    print(f"-> {args.out}")
+    return 0
+
+
+def _timing(cases_dir, names, device):
+    """Median over 3 runs of pipeline.run_case (network included) on the first 8-screw case."""
+    from PedicleScrewPoseLib import io, pipeline, segmentation
+
+    pick = None
+    for n in names:
+        if len(io.read_truth(cases_dir / n)["screws"]) == 8:
+            pick = n
+            break
+    pick = pick or names[0]
+    case = io.read_case(cases_dir / pick)
+    case = dataclasses.replace(case, views=case.views[:2], images=case.images[:2])
+    model = segmentation.load_model(device=device)
+    pipeline.run_case(case, model=model, device=device, assess=False)  # warm-up
+    runs = []
+    for _ in range(3):
+        res = pipeline.run_case(case, model=model, device=device, assess=False)
+        runs.append(res["timing_s"])
+    keys = sorted({k for r in runs for k in r})
+    return {"case": pick, "n_screws_truth": len(io.read_truth(cases_dir / pick)["screws"]),
+            "views": [v.name for v in case.views], "size": [case.views[0].width, case.views[0].height],
+            "device": device, "median_s": {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in keys},
+            "runs": runs, "threads": __import__("torch").get_num_threads(),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
