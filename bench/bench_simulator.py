@@ -175,6 +175,13 @@ def main(argv=None) -> int:
         return xray.render_view(L, screws, view, p_real, rng=0)
 
     res["ours_ideal_s"], res["ours_ideal_runs_s"], sv = best_time(ours_ideal, args.repeats)
+    try:
+        def ours_ideal_rtk():
+            L = xray.ct_line_integrals(pct, view, backend="rtk")
+            return xray.render_view(L, screws, view, xray.RenderParams.ideal(), rng=0)
+        res["ours_ideal_rtk_backend_s"], _, _ = best_time(ours_ideal_rtk, args.repeats)
+    except Exception as exc:
+        res["ours_ideal_rtk_backend_s"] = f"{type(exc).__name__}: {exc}"
     res["ours_realistic_s"], res["ours_realistic_runs_s"], _ = best_time(ours_realistic, args.repeats)
     L_cached = xray.ct_line_integrals(pct, view)
     res["ours_cached_ct_realistic_s"], _, _ = best_time(
@@ -213,6 +220,8 @@ def main(argv=None) -> int:
         fastest = min(dd, key=lambda v: v["s"])
         res["diffdrr_fastest_s"] = fastest["s"]
         res["speedup_vs_diffdrr_ideal_full_render"] = fastest["s"] / res["ours_ideal_s"]
+        if isinstance(res.get("ours_ideal_rtk_backend_s"), float):
+            res["speedup_vs_diffdrr_ideal_full_render_rtk_backend"] = fastest["s"] / res["ours_ideal_rtk_backend_s"]
         res["speedup_vs_diffdrr_realistic_full_render"] = fastest["s"] / res["ours_realistic_s"]
         res["speedup_vs_diffdrr_same_density_only"] = fastest["s"] / res["ours_density_only_s"]
         res["ncc_vs_diffdrr_siddon"] = peers.get("diffdrr_siddon", {}).get("ncc_vs_ours")

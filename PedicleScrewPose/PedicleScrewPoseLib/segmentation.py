@@ -44,7 +44,7 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 WEIGHTS_PATH = MODEL_DIR / "screw_unet.pt"
 WEIGHTS_FORMAT = "pedicle-screw-unet/1"
 
-# The shipped network: MONAI UNet, 5 levels, residual units.  ~1.6 M parameters,
+# The shipped network: MONAI UNet, 5 levels, one residual unit per level.  ~1.2 M parameters,
 # ~0.1 s per 512x512 image on 2 CPU threads (bench/bench_segmentation.py).
 ARCHITECTURE = {
     "name": "monai.networks.nets.UNet",
@@ -53,7 +53,7 @@ ARCHITECTURE = {
     "out_channels": 3,
     "channels": [16, 32, 64, 128, 256],
     "strides": [2, 2, 2, 2],
-    "num_res_units": 2,
+    "num_res_units": 1,
 }
 
 CLASS_NAMES = ("background", "head", "shaft")

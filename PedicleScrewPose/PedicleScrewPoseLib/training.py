@@ -658,7 +658,7 @@ def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
 
 
 def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
-          device="cpu", resume: bool = False, batch_size: int = 8, lr: float = 2e-3, n_bank_views: int = 48,
+          device="cpu", resume: bool = False, batch_size: int = 8, lr: float = 1e-3, n_bank_views: int = 48,
           bank_path=None, workers: int = 1, threads: int = 2, log_every: int = 25, ckpt_every: int = 100,
           progress: bool = True) -> Path:
     """Train the U-Net; returns the path of the final weights (``out_dir/screw_unet.pt``).
@@ -685,7 +685,10 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     model = segmentation.build_model().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     total_steps = int(steps) if steps is not None else 10_000_000
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, lambda_ce=1.0, lambda_dice=1.0)
+    # batch=True: Dice over the whole batch, so crops without screws neither dominate nor
+    # reward predicting nothing (per-image Dice on empty crops collapsed a first run to background)
+    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, batch=True,
+                         lambda_ce=1.0, lambda_dice=1.0)
     step, elapsed0 = 0, 0.0
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.is_file():
@@ -786,7 +789,7 @@ def add_train_segmentation_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--bank-views", type=int, default=48, help="number of cached random views")
     parser.add_argument("--workers", type=int, default=1, help="data-generating worker processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the training process")

@@ -371,7 +371,7 @@ def _fingerprint(arrays, A, path) -> str:
 
 
 def ct_line_integrals(ct_densities, view: geometry.View, device="cpu", binning: int = 1,
-                      chunk_pixels: int = 2_000_000) -> dict:
+                      chunk_pixels: int = 2_000_000, backend: str = "torch") -> dict:
     """Areal density (g/cm^2) of each CT material along each pixel's ray: ``{material: tensor [v, u]}``.
 
     ``ct_densities``: anything :func:`prepare_ct` takes (prepare once and reuse for speed).
@@ -381,8 +381,23 @@ def ct_line_integrals(ct_densities, view: geometry.View, device="cpu", binning: 
     interpolate linearly in-slice and fall to zero beyond the volume.
     ``binning``: render ``binning`` x fewer rays per axis and upsample bilinearly (for training
     throughput; 1 = one ray per pixel centre).
+    ``backend``: "torch" (default: this module's Joseph, CPU or CUDA) or "rtk" (RTK's C++
+    ``JosephForwardProjectionImageFilter``, the same method, CPU only, needs ``itk-rtk``;
+    ~1.5x faster per view on 2 cores and equal to NCC > 0.9999, but importing ITK/RTK costs
+    ~12 s of CPU once per process: worth it for long runs only). The default stays "torch" so
+    that results (and bytes) never depend on what happens to be installed.
     """
     pct = prepare_ct(ct_densities, device=device)
+    if backend not in ("torch", "rtk"):
+        raise ValueError(f"ct_line_integrals: backend must be 'torch' or 'rtk', got {backend!r}")
+    if backend == "rtk":
+        if pct.device.type != "cpu":
+            raise ValueError("ct_line_integrals: the rtk backend runs on the CPU only")
+        if abs(view.K[0, 1]) > 1e-9 * abs(view.K[0, 0]):
+            raise ValueError("ct_line_integrals: the rtk backend needs square-grid pixels (no skew in K)")
+        if not _rtk_available():
+            raise ValueError("ct_line_integrals: backend 'rtk' needs the itk-rtk package (pip install itk-rtk)")
+        return _rtk_line_integrals(pct, view, binning)
     W, H = int(view.width), int(view.height)
     if binning > 1:
         Wb, Hb = -(-W // binning), -(-H // binning)
@@ -396,6 +411,76 @@ def ct_line_integrals(ct_densities, view: geometry.View, device="cpu", binning: 
     else:
         out = _joseph(pct, view.P, W, H, chunk_pixels)
     return {m: out[c] for c, m in enumerate(pct.materials)}
+
+
+@functools.lru_cache(maxsize=1)
+def _rtk_available() -> bool:
+    try:
+        from itk import RTK  # noqa: F401  (itk-rtk wheel)
+
+        return hasattr(RTK, "JosephForwardProjectionImageFilter")
+    except Exception:
+        return False
+
+
+def _rtk_line_integrals(pct: PreparedCT, view: geometry.View, binning: int = 1) -> dict:
+    """CT line integrals with RTK's Joseph projector (ITK physical space is LPS)."""
+    import itk
+    from itk import RTK as rtk
+
+    W, H = int(view.width), int(view.height)
+    if binning > 1:
+        Wb, Hb = -(-W // binning), -(-H // binning)
+        B = np.array([[1.0 / binning, 0, -(binning - 1) / (2.0 * binning)],
+                      [0, 1.0 / binning, -(binning - 1) / (2.0 * binning)], [0, 0, 1]])
+        coarse = geometry.View.from_P(B @ view.P, Wb, Hb)
+        out = _rtk_line_integrals(pct, coarse, 1)
+        stack = torch.stack([out[m] for m in pct.materials])[None]
+        stack = F.interpolate(stack, scale_factor=binning, mode="bilinear", align_corners=False)[0, :, :H, :W]
+        return {m: stack[c] for c, m in enumerate(pct.materials)}
+    lps = np.diag([-1.0, -1.0, 1.0])
+    images = pct._slabs.get("rtk")
+    if images is None:
+        A = pct.ijk_to_ras
+        spacing = np.linalg.norm(A[:3, :3], axis=0)
+        direction = lps @ (A[:3, :3] / spacing)
+        images = []
+        for c in range(pct.data.shape[0]):
+            img = itk.image_from_array(np.ascontiguousarray(pct.data[c].cpu().numpy()))
+            img.SetSpacing(spacing.tolist())
+            img.SetOrigin((lps @ A[:3, 3]).tolist())
+            img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
+            images.append(img)
+        pct._slabs["rtk"] = images
+    K, R = view.K, view.R
+    f = abs(K[0, 0])
+    sdd = 1000.0                                     # any plane works: rays are what matter
+    pix = sdd / f
+    u_dir = R[0] * np.sign(K[0, 0])
+    v_dir = R[1]
+    src = view.source_mm
+    p00 = src + sdd * R[2] - K[0, 2] * pix * u_dir - K[1, 2] * pix * v_dir * (f / K[1, 1])
+    pix_v = sdd / K[1, 1]
+    geo = rtk.ThreeDCircularProjectionGeometry.New()
+    geo.AddProjection(itk.Point[itk.D, 3]((lps @ src).tolist()), itk.Point[itk.D, 3]((lps @ p00).tolist()),
+                      itk.Vector[itk.D, 3]((lps @ u_dir).tolist()), itk.Vector[itk.D, 3]((lps @ v_dir).tolist()))
+    ImageType = itk.Image[itk.F, 3]
+    out = {}
+    for c, m in enumerate(pct.materials):
+        source = rtk.ConstantImageSource[ImageType].New()
+        source.SetOrigin([0.0, 0.0, 0.0])
+        source.SetSpacing([pix, pix_v, 1.0])
+        source.SetSize([W, H, 1])
+        source.SetConstant(0.0)
+        fp = rtk.JosephForwardProjectionImageFilter[ImageType, ImageType].New()
+        fp.SetInput(0, source.GetOutput())
+        fp.SetInput(1, images[c])
+        fp.SetGeometry(geo)
+        fp.SetNumberOfWorkUnits(max(1, torch.get_num_threads()))
+        fp.Update()
+        arr = itk.array_from_image(fp.GetOutput())[0]
+        out[m] = torch.from_numpy(np.ascontiguousarray(arr, np.float32) * 0.1)   # g/cm^3 * mm -> g/cm^2
+    return out
 
 
 def _joseph(pct: PreparedCT, P, W: int, H: int, chunk_pixels: int) -> torch.Tensor:
