@@ -338,11 +338,11 @@ def preprocess(image, metal=None, return_info: bool = False):
         raise ValueError("preprocess: no finite pixel (all NaN/inf)")
     if not finite.all():
         arr = np.where(finite, arr, np.median(arr[finite])).astype(np.float32)
+    if metal not in (None, "bright", "dark"):
+        raise ValueError(f"metal: {metal!r} is not 'bright', 'dark' or None")
+    field = field_mask(arr) & finite   # on the image as stored: its unexposed surround is black
     if metal == "dark":
         arr = -arr
-    elif metal not in (None, "bright"):
-        raise ValueError(f"metal: {metal!r} is not 'bright', 'dark' or None")
-    field = field_mask(arr) & finite
     vals = arr[field] if field.sum() >= 16 else arr[finite]
     if vals.size > 200_000:  # percentiles of a fixed subsample: same result, faster
         vals = vals[:: vals.size // 200_000 + 1]
@@ -365,11 +365,12 @@ def field_mask(image) -> np.ndarray:
     """Boolean ``[v, u]`` mask of the exposed field.
 
     The unexposed surround (an image intensifier's circle, collimator blades,
-    a black frame) is a near-uniform region touching the image border whose
-    value is the image's minimum or maximum.  It is found on a 3x3-median-filtered
-    image (robust to noise) as the border-connected pixels within 2% of the
-    robust range of that extreme value.  Returns all True when no such surround
-    covers at least 3% of the image or it would leave less than 10% exposed.
+    a black frame) is a near-uniform region touching the image border at the
+    image's minimum value (black as stored, whatever the polarity).  It is found
+    on a 3x3-median-filtered image (robust to noise) as the border-connected
+    pixels within 2% of the robust range of the minimum.  Returns all True when
+    no such region covers at least 3% of the image and 10% of its border, or
+    when it would leave less than 10% exposed.
     """
     from scipy import ndimage
 
@@ -390,16 +391,19 @@ def field_mask(image) -> np.ndarray:
         return full
     tol = 0.02 * rng
     best = None
-    for extreme in (float(small.min()), float(small.max())):
-        near = np.abs(small - extreme) <= tol
-        if near[0].mean() + near[-1].mean() + near[:, 0].mean() + near[:, -1].mean() == 0:
-            continue
+    # Only the dark extreme: displays and raw detector data alike show the unexposed surround
+    # black; a saturated white region (metal, air) touching the border is image content.
+    for extreme in (float(small.min()),):
+        near = small - extreme <= tol
         lab, n = ndimage.label(near)
         edge_labels = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         edge_labels = edge_labels[edge_labels > 0]
         surround = np.isin(lab, edge_labels)
         frac = surround.mean()
-        if frac >= 0.03 and (best is None or frac > best[0]):
+        on_border = np.concatenate([surround[0], surround[-1], surround[:, 0], surround[:, -1]]).mean()
+        # a surround covers a good part of the border (circle: the corners; collimator: a side);
+        # a dark screw or wire that merely touches the border does not
+        if frac >= 0.03 and on_border >= 0.10:
             best = (frac, surround)
     if best is None or best[0] > 0.9:
         return full

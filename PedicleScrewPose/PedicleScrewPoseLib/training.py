@@ -604,7 +604,7 @@ def _burn_text(rng, x):
     return np.where(changed, mark, x)
 
 
-def training_pair(bank, rng, out_px: int = CROP_PX, p_wrong_hint: float = 0.1):
+def training_pair(bank, rng, out_px: int = CROP_PX, p_wrong_hint: float = 0.03):
     """Network input ``float32 [1, h, w]`` (via ``segmentation.preprocess``) and labels ``int64 [1, h, w]``."""
     image, labels, metal = render_sample(bank, rng, out_px=out_px)
     hint = metal if rng.random() >= p_wrong_hint else ("dark" if metal == "bright" else "bright")
@@ -624,8 +624,9 @@ def _iterable_dataset_base():
 class _PairStream(_iterable_dataset_base()):
     """Infinite iterable of training batches; each DataLoader worker gets its own seed."""
 
-    def __init__(self, bank_path, seed, batch_size):
+    def __init__(self, bank_path, seed, batch_size, crop_px=CROP_PX):
         super().__init__()
+        self.crop_px = int(crop_px)
         self.bank_path = str(bank_path)
         self.seed = seed
         self.batch_size = batch_size
@@ -642,7 +643,7 @@ class _PairStream(_iterable_dataset_base()):
         k = self.start
         while True:
             rng = np.random.default_rng([self.seed, wid, k])
-            xs, ys = zip(*[training_pair(bank, rng) for _ in range(self.batch_size)])
+            xs, ys = zip(*[training_pair(bank, rng, out_px=self.crop_px) for _ in range(self.batch_size)])
             k += 1
             yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
@@ -660,7 +661,7 @@ def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
 def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
           device="cpu", resume: bool = False, batch_size: int = 8, lr: float = 1e-3, n_bank_views: int = 48,
           bank_path=None, workers: int = 1, threads: int = 2, log_every: int = 25, ckpt_every: int = 100,
-          progress: bool = True) -> Path:
+          progress: bool = True, crop_px: int = CROP_PX) -> Path:
     """Train the U-Net; returns the path of the final weights (``out_dir/screw_unet.pt``).
 
     Stops after ``steps`` optimiser steps or ``minutes`` of wall time, whichever
@@ -700,7 +701,7 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     elif resume:
         print(f"no checkpoint at {ckpt}; starting fresh")
 
-    stream = _PairStream(bank_path, seed, batch_size)
+    stream = _PairStream(bank_path, seed, batch_size, crop_px)
     stream.start = step
     if workers > 0:
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
@@ -773,7 +774,7 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     jl.close()
     model.eval()
     meta = {"seed": seed, "steps": step, "elapsed_s": round(time.time() - t0, 1), "batch_size": batch_size,
-            "crop_px": CROP_PX, "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views}
+            "crop_px": crop_px, "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views}
     weights = out / "screw_unet.pt"
     segmentation.save_weights(model.cpu(), weights, meta=meta)
     print(f"wrote {weights} after {step} steps")
@@ -793,6 +794,7 @@ def add_train_segmentation_arguments(parser) -> None:
     parser.add_argument("--bank-views", type=int, default=48, help="number of cached random views")
     parser.add_argument("--workers", type=int, default=1, help="data-generating worker processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the training process")
+    parser.add_argument("--crop", type=int, default=CROP_PX, help=f"training crop size in pixels (default {CROP_PX})")
 
 
 def train_segmentation_command(args) -> int:
@@ -802,5 +804,5 @@ def train_segmentation_command(args) -> int:
         raise ValueError("--steps must be >= 1")
     train(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes, device=args.device,
           resume=args.resume, batch_size=args.batch_size, lr=args.lr, n_bank_views=args.bank_views,
-          workers=args.workers, threads=args.threads)
+          workers=args.workers, threads=args.threads, crop_px=args.crop)
     return 0
