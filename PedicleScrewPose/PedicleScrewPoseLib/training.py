@@ -669,7 +669,7 @@ def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
 
 def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
           device="cpu", resume: bool = False, batch_size: int = 16, lr: float = 3e-3, n_bank_views: int = 36,
-          bank_path=None, workers: int = 1, threads: int = 2, log_every: int = 20, ckpt_every: int = 50,
+          bank_path=None, workers: int = 1, threads: int = 1, log_every: int = 20, ckpt_every: int = 50,
           progress: bool = True, crop_px: int = CROP_PX) -> Path:
     """Train the U-Net; returns the path of the final weights (``out_dir/screw_unet.pt``).
 
@@ -802,7 +802,7 @@ def add_train_segmentation_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bank-views", type=int, default=36, help="number of cached random views")
     parser.add_argument("--workers", type=int, default=1, help="data-generating worker processes")
-    parser.add_argument("--threads", type=int, default=2,
+    parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the training process (default 1: on a loaded 2-core machine "
                              "2 threads made each step ~10x slower, measured 3 s vs 0.2 s)")
     parser.add_argument("--crop", type=int, default=CROP_PX, help=f"training crop size in pixels (default {CROP_PX})")
