@@ -91,12 +91,12 @@ def test_evaluate_command_single_and_many(tmp_path, capsys):
         io.write_result(results / name, res)
     out = tmp_path / "ev.json"
     assert cli.main(["evaluate", str(results / "c1" / "result.json"), str(cases / "c1"), "--json", str(out)]) == 0
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["evaluation"]["n_pairs"] == 3
     assert "segment_mm" in capsys.readouterr().out
     out2 = tmp_path / "all.json"
     assert cli.main(["evaluate", "--results-dir", str(results), "--cases-dir", str(cases), "--json", str(out2)]) == 0
-    doc = json.loads(out2.read_text())
+    doc = json.loads(out2.read_text(encoding="utf-8"))
     assert doc["summary"]["n_pairs"] == 6
     assert doc["summary"]["entry_mm"]["max"] == pytest.approx(2.0)
     assert set(doc["cases"]) == {"c1", "c2"}

@@ -25,7 +25,7 @@ def case_dir(tmp_path):
 
 def _edit(case_dir, fn):
     p = case_dir / "case.json"
-    doc = json.loads(p.read_text())
+    doc = json.loads(p.read_text(encoding="utf-8"))
     fn(doc)
     p.write_text(json.dumps(doc))
 

@@ -99,7 +99,7 @@ def test_run_case_with_three_views_and_no_implant_log(tmp_path):
 def test_run_with_the_network(case_dir, tmp_path):
     out = tmp_path / "net"
     assert cli.main(["run", str(case_dir), "--out", str(out)]) == 0
-    result = json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert result["format"] == "pedicle-screw-result/1"
     assert result["timing_s"]["segmentation"] > 0
     for s in result["screws"]:
@@ -122,7 +122,7 @@ def _broken_copy(case_dir, tmp_path, edit):
 
     dst = tmp_path / "broken"
     shutil.copytree(case_dir, dst)
-    doc = json.loads((dst / "case.json").read_text())
+    doc = json.loads((dst / "case.json").read_text(encoding="utf-8"))
     edit(doc, dst)
     (dst / "case.json").write_text(json.dumps(doc))
     return dst

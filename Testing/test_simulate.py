@@ -64,7 +64,7 @@ def test_same_seed_same_bytes_and_no_overwrite(tmp_path, example):
 def test_ideal_case_has_exact_geometry_and_no_noise(tmp_path, example):
     _case(tmp_path, example, "i", realistic=False, view_names=("ap", "lat"))
     case = io.read_case(tmp_path / "i")
-    raw = json.loads((tmp_path / "i" / "case.json").read_text())
+    raw = json.loads((tmp_path / "i" / "case.json").read_text(encoding="utf-8"))
     assert raw["simulator"]["realistic"] is False and raw["simulator"]["distractors"] == []
     for view in case.views:
         assert view.metal == "bright"

@@ -70,7 +70,7 @@ def _configure(tmp_path) -> dict:
                                "-DBUILD_TESTING=ON", f"-DCHECK_OUT={out}"], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        text = out.read_text()
+        text = out.read_text(encoding="utf-8")
     else:  # no cmake on this machine: read the same lists with a small interpreter of what the files use
         text = _evaluate_cmake_by_hand()
     values = {}
@@ -81,7 +81,7 @@ def _configure(tmp_path) -> dict:
 
 
 def _evaluate_cmake_by_hand() -> str:
-    src = (MODULE_DIR / "CMakeLists.txt").read_text()
+    src = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     src = re.sub(r"#[^\n]*", "", src)
     variables = {"CMAKE_CURRENT_SOURCE_DIR": str(MODULE_DIR)}
 
@@ -113,7 +113,7 @@ def _evaluate_cmake_by_hand() -> str:
                 files += [p for p in sorted(MODULE_DIR.glob(rest[i])) if p.is_file()]
                 i += 1
             variables[var] = ";".join(str(p.relative_to(rel)) if rel else str(p) for p in files)
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     meta = dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', top))
     lines = [f"NAME={variables.get('MODULE_NAME', '')}", f"SCRIPTS={variables.get('MODULE_PYTHON_SCRIPTS', '')}",
              f"RESOURCES={variables.get('MODULE_PYTHON_RESOURCES', '')}"]
@@ -164,13 +164,13 @@ def test_extension_metadata_is_filled_in(cmake_lists):
         assert cmake_lists.get(f"EXTENSION_{key}", "").strip(), f"EXTENSION_{key} is empty"
     assert cmake_lists["EXTENSION_HOMEPAGE"].startswith("https://")
     assert cmake_lists["EXTENSION_ICONURL"].endswith(".png")
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"find_package\(Slicer REQUIRED\)", top) and "add_subdirectory(PedicleScrewPose)" in top
 
 
 # ----------------------------------------------------------------------------- .ui and parameter node
 def _module_tree():
-    return ast.parse(MODULE_FILE.read_text(), filename=str(MODULE_FILE))
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
 
 
 def _parameter_fields() -> dict:
@@ -276,11 +276,11 @@ def test_module_file_imports_only_what_slicer_bundles():
     assert names <= BUNDLED, f"imported at module level but not bundled with Slicer: {sorted(names - BUNDLED)}"
     assert not names & NOT_AT_IMPORT
     # The heavy packages are imported inside methods (installed on first use after asking).
-    assert "PedicleScrewPoseLib" in MODULE_FILE.read_text()
+    assert "PedicleScrewPoseLib" in MODULE_FILE.read_text(encoding="utf-8")
 
 
 def test_module_file_is_python39_and_uses_real_annotations():
-    src = MODULE_FILE.read_text()
+    src = MODULE_FILE.read_text(encoding="utf-8")
     ast.parse(src, feature_version=(3, 9))
     tree = _module_tree()
     # parameterNodeWrapper reads the annotations as types: no postponed (string) annotations,
@@ -304,7 +304,7 @@ def test_module_classes_follow_the_scripted_module_pattern():
     test_methods = {f.name: f for f in classes["PedicleScrewPoseTest"].body if isinstance(f, ast.FunctionDef)}
     assert "slicer.mrmlScene.Clear" in ast.unparse(test_methods["setUp"])
     assert "runTest" in test_methods and sum(n.startswith("test_") for n in test_methods) >= 2
-    src = MODULE_FILE.read_text()
+    src = MODULE_FILE.read_text(encoding="utf-8")
     assert "tryWithErrorDisplay" in src and "waitCursor=True" in src
     assert "Uneri" in src and "Phys Med Biol" in src  # the method is cited in the help
     # The Widget asks before installing; the Logic never shows dialogs.
@@ -321,7 +321,7 @@ def test_icon_is_a_small_png():
 
 def test_core_never_imports_qt_and_mrml_uses_no_application_singletons():
     for path in sorted(LIB_DIR.glob("*.py")):
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
