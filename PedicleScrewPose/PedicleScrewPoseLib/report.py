@@ -481,20 +481,6 @@ def _png_bytes(rgb) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    try:
-        from .io import write_bytes_atomic
-    except ImportError:  # io.py is the lead's; keep a local copy of the same contract
-        write_bytes_atomic = None
-    if write_bytes_atomic is not None:
-        return write_bytes_atomic(path, data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from .io import write_bytes_atomic
+
+    return write_bytes_atomic(path, data)
