@@ -382,6 +382,7 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: outputs are for everyone who may read the folder
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -528,9 +528,15 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
         a = mu["soft"][e_i] * soft + mu["bone"][e_i] * bone + mu["titanium"][e_i] * ti_g + mu["steel"][e_i] * st_g
         I += w[e_i] * np.exp(-np.minimum(a, 60.0))
     I = (I / max(float(np.sum(w)), 1e-12)).astype(np.float32)
-    sf = float(rng.uniform(0.0, 0.5))
+    sf = float(rng.uniform(0.0, 0.5)) if rng.random() < 0.6 else float(rng.uniform(0.5, 1.1))
     if sf > 0:
         I = I + sf * _gauss(I, rng.uniform(15, 40))
+    h, w_ = I.shape
+    vv, uu = np.mgrid[0:h, 0:w_].astype(np.float32)
+    if rng.random() < 0.5:  # anode heel: a gain ramp across the field
+        ang = rng.uniform(0, 2 * np.pi)
+        ramp = ((uu - w_ / 2) * np.cos(ang) + (vv - h / 2) * np.sin(ang)) / max(h, w_)
+        I = I * (1 + rng.uniform(-0.3, 0.3) * ramp)
     # automatic exposure: photons at the median pixel
     dose = style.get("dose")
     n_med = float(dose) if dose is not None else float(np.exp(rng.uniform(np.log(60), np.log(5000))))
@@ -538,20 +544,28 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
     counts = I * scale
     counts = counts + np.sqrt(np.clip(counts, 1e-9, None)) * rng.standard_normal(I.shape).astype(np.float32)
     I = np.clip(counts / scale, 1e-7, None)
-    I = _gauss(I, float(rng.uniform(0.0, 1.2)))
-    h, w_ = I.shape
-    vv, uu = np.mgrid[0:h, 0:w_].astype(np.float32)
+    I = _gauss(I, float(rng.uniform(0.0, 1.6)))
     r2 = ((uu - w_ / 2) ** 2 + (vv - h / 2) ** 2) / (0.5 * max(h, w_)) ** 2
     I = np.clip(I * (1 - rng.uniform(0, 0.3) * r2), 1e-7, None)
     metal = style.get("metal") or ("bright" if rng.random() < 0.55 else "dark")
-    att = -np.log(I)
-    if rng.random() < 0.25:  # a softer, partly linear display curve of some consoles
+    resp = rng.random()
+    if resp < 0.2:  # linear response (1 - I/I0): dense regions compressed, as some consoles show
+        att = 1.0 - I / max(float(np.percentile(I, 99.5)), 1e-6)
+    elif resp < 0.4:  # a softer, partly linear display curve of some consoles
         att = -np.log(I + rng.uniform(0.0, 0.05) * float(np.median(I)))
+    else:
+        att = -np.log(I)
+    if rng.random() < 0.4:  # dynamic range compression: part of the low-pass removed
+        att = att - rng.uniform(0.2, 0.7) * _gauss(att, rng.uniform(0.05, 0.25) * max(h, w_))
     ti_mask = ti_mm > 0.3
     anat = att[~ti_mask] if (~ti_mask).sum() > 100 else att.ravel()
     lo = np.percentile(anat, rng.uniform(0, 5))
-    hi_anat = np.percentile(anat, rng.uniform(98.5, 100))
-    if ti_mask.sum() > 10:
+    hi_anat = np.percentile(anat, rng.uniform(97.0, 100))
+    if rng.random() < 0.12:
+        # automatic brightness control on the anatomy alone: metal saturates with the densest
+        # anatomy (kept to the top 1% so that few labelled screw pixels are invisible)
+        hi = np.percentile(anat, rng.uniform(99.0, 100))
+    elif ti_mask.sum() > 10:
         hi_metal = np.percentile(att[ti_mask], 50)
         # the window's top lies between the densest anatomy and the metal (or at the metal)
         hi = hi_anat + rng.uniform(0.15, 1.0) * max(hi_metal - hi_anat, 0.0)
@@ -670,7 +684,7 @@ def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
 def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
           device="cpu", resume: bool = False, batch_size: int = 16, lr: float = 3e-3, n_bank_views: int = 36,
           bank_path=None, workers: int = 1, threads: int = 1, log_every: int = 20, ckpt_every: int = 50,
-          progress: bool = True, crop_px: int = CROP_PX) -> Path:
+          progress: bool = True, crop_px: int = CROP_PX, init=None) -> Path:
     """Train the U-Net; returns the path of the final weights (``out_dir/screw_unet.pt``).
 
     Stops after ``steps`` optimiser steps or ``minutes`` of wall time, whichever
@@ -692,7 +706,11 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     bank_path = Path(bank_path) if bank_path else out / f"bank_train_{seed}.npz"
     load_or_build_bank(bank_path, n_bank_views, seed, split="train", device=device)
 
-    model = segmentation.build_model().to(device)
+    if init is not None:
+        model = segmentation.load_model(init).to(device)
+        print(f"initialised from {init}")
+    else:
+        model = segmentation.build_model().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     total_steps = int(steps) if steps is not None else 10_000_000
     # batch=True: Dice over the whole batch, so crops without screws neither dominate nor
@@ -753,7 +771,7 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         step += 1
-        run_loss += float(loss)
+        run_loss += float(loss.detach())
         run_n += 1
         with torch.no_grad():
             pred = logits.argmax(1).cpu().numpy()
@@ -783,7 +801,8 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     jl.close()
     model.eval()
     meta = {"seed": seed, "steps": step, "elapsed_s": round(time.time() - t0, 1), "batch_size": batch_size,
-            "crop_px": crop_px, "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views}
+            "crop_px": crop_px, "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views, "lr": lr,
+            "init": None if init is None else {"file": Path(init).name, "sha256": segmentation.sha256_of(init)}}
     weights = out / "screw_unet.pt"
     segmentation.save_weights(model.cpu(), weights, meta=meta)
     print(f"wrote {weights} after {step} steps")
@@ -805,6 +824,8 @@ def add_train_segmentation_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the training process (default 1: on a loaded 2-core machine "
                              "2 threads made each step ~10x slower, measured 3 s vs 0.2 s)")
+    parser.add_argument("--init", default=None,
+                        help="start from these weights (hash-checked) instead of a random initialisation")
     parser.add_argument("--crop", type=int, default=CROP_PX, help=f"training crop size in pixels (default {CROP_PX})")
 
 
@@ -815,5 +836,5 @@ def train_segmentation_command(args) -> int:
         raise ValueError("--steps must be >= 1")
     train(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes, device=args.device,
           resume=args.resume, batch_size=args.batch_size, lr=args.lr, n_bank_views=args.bank_views,
-          workers=args.workers, threads=args.threads, crop_px=args.crop)
+          workers=args.workers, threads=args.threads, crop_px=args.crop, init=args.init)
     return 0
