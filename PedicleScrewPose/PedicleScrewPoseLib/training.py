@@ -367,7 +367,7 @@ def render_sample(bank, rng, out_px: int = CROP_PX, full_view: bool = False, sty
     cand = np.nonzero(bank["scr_view"] == vi)[0]
     n = style.get("n_screws")
     if n is None:
-        n = int(rng.choice([0, 1, 2, 3, 4, 6, 8, 10, 12], p=[.08, .1, .1, .1, .16, .14, .12, .1, .1]))
+        n = int(rng.choice([0, 1, 2, 3, 4, 6, 8, 10, 12], p=[.12, .1, .1, .1, .14, .13, .11, .1, .1]))
     n = min(n, len(cand))
     chosen = rng.choice(cand, size=n, replace=False) if n else np.zeros(0, int)
     head = np.zeros((H, W), np.float32)
@@ -414,7 +414,7 @@ def _random_affine(rng, shape, out_px, heads_uv):
     ang = float(rng.uniform(0, 2 * np.pi)) if rng.random() < 0.5 else float(rng.normal(0, 0.2))
     flip = -1.0 if rng.random() < 0.5 else 1.0
     half_in = zoom * out_px / 2.0
-    if heads_uv is not None and len(heads_uv) and rng.random() < 0.8:
+    if heads_uv is not None and len(heads_uv) and rng.random() < 0.7:
         c = heads_uv[rng.integers(len(heads_uv))] + rng.normal(0, 0.35 * half_in, 2)
     else:
         c = np.array([rng.uniform(0.2, 0.8) * W, rng.uniform(0.2, 0.8) * H])
@@ -561,10 +561,11 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
     anat = att[~ti_mask] if (~ti_mask).sum() > 100 else att.ravel()
     lo = np.percentile(anat, rng.uniform(0, 5))
     hi_anat = np.percentile(anat, rng.uniform(97.0, 100))
-    if rng.random() < 0.12:
-        # automatic brightness control on the anatomy alone: metal saturates with the densest
-        # anatomy (kept to the top 1% so that few labelled screw pixels are invisible)
-        hi = np.percentile(anat, rng.uniform(99.0, 100))
+    if rng.random() < 0.5:
+        # Automatic brightness control on the anatomy alone, as most consoles do: metal saturates
+        # at the same grey as the densest anatomy (a screw over it cannot be seen; its label stays,
+        # as in the test renderer and in hand-drawn labels of real images).
+        hi = np.percentile(anat, rng.uniform(96.0, 100))
     elif ti_mask.sum() > 10:
         hi_metal = np.percentile(att[ti_mask], 50)
         # the window's top lies between the densest anatomy and the metal (or at the metal)
