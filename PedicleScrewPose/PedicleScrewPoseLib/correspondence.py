@@ -76,12 +76,14 @@ def mm_per_px_at(view, point_mm) -> float:
 
 
 def match_instances(views, instances, probabilities=None, gate_head_mm: float = 6.0,
-                    gate_tip_mm: float = 12.0, duplicate_mm: float = 5.0):
+                    gate_tip_mm: float = 12.0, duplicate_mm: float = 5.0, fields=None):
     """Match instances across views.  Returns ``(matches, unmatched)``.
 
     ``instances[i]``: list of ``instances.Instance`` of view ``i``; ``probabilities[i]``
-    (optional, [3,v,u]) lets a view without a matching instance veto a hypothesis that
-    lands on background there.
+    (optional, [3,v,u]) lets every view veto a hypothesis whose projected axis runs over
+    background there (a foreshortened screw paired the wrong way round points out of its own
+    shaft); ``fields[i]`` (optional bool [v,u]: the exposed field) keeps the unexposed surround
+    from counting as background.
     """
     nv = len(views)
     if nv < 2:
@@ -90,7 +92,7 @@ def match_instances(views, instances, probabilities=None, gate_head_mm: float = 
     fg = None
     if probabilities is not None:
         fg = [1.0 - np.asarray(p[0], np.float32) for p in probabilities]
-    ctx = _Context(views, instances, fg, centre, gate_head_mm, gate_tip_mm)
+    ctx = _Context(views, instances, fg, centre, gate_head_mm, gate_tip_mm, fields)
 
     hyps: list[Match] = []
     candidates_of: dict = {}
@@ -149,7 +151,8 @@ def match_instances(views, instances, probabilities=None, gate_head_mm: float = 
 
 
 class _Context:
-    def __init__(self, views, instances, fg, centre, gate_head_mm, gate_tip_mm):
+    def __init__(self, views, instances, fg, centre, gate_head_mm, gate_tip_mm, fields=None):
+        self.fields = None if fields is None else [None if f is None else np.asarray(f, bool) for f in fields]
         self.views = views
         self.instances = instances
         self.fg = fg
@@ -192,6 +195,8 @@ class _Context:
         length = np.linalg.norm(T - H)
         if length > 85.0:  # longest catalogue screw (60 mm) plus half a head, with slack
             return None
+        if not self.supported(H, T):
+            return None
         cost = 0.0
         for vi, k in members.items():
             P = self.Ps[vi]
@@ -230,6 +235,31 @@ class _Context:
             # Shaft hidden behind the head here: the tip only has to project into the head blob.
             et_px = max(0.0, et_px - 1.5 * inst.head_radius_px)
         return eh, et_px * mm
+
+    def supported(self, H, T, min_fraction: float = 0.5) -> bool:
+        """False when, in some view, most of the projected axis lies on background.
+
+        Samples between head and 85% of the length (the very tip is a thin cone) that fall
+        outside the image or outside the exposed field say nothing.  A screw is opaque in every
+        view it is in: a hypothesis whose axis crosses open background in one view is a wrong
+        pairing (typically a screw seen end-on paired with its own mirror image)."""
+        if self.fg is None:
+            return True
+        s = np.linspace(0.05, 0.85, 12)
+        pts3 = H[None] * (1 - s[:, None]) + T[None] * s[:, None]
+        for vi in range(len(self.views)):
+            uv = geometry.project(self.Ps[vi], pts3)
+            f = self.fg[vi]
+            ui = np.round(uv[:, 0]).astype(int)
+            vv = np.round(uv[:, 1]).astype(int)
+            ok = (ui >= 0) & (vv >= 0) & (ui < f.shape[1]) & (vv < f.shape[0])
+            if self.fields is not None and self.fields[vi] is not None:
+                ok[ok] = self.fields[vi][vv[ok], ui[ok]]
+            if ok.sum() < 4:
+                continue
+            if float(np.mean(f[vv[ok], ui[ok]] >= 0.3)) < min_fraction:
+                return False
+        return True
 
     def inside(self, vi, uv, margin=0.0):
         v = self.views[vi]

@@ -69,7 +69,9 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
     # 3. Correspondence.
     say("correspondence")
     t = time.perf_counter()
-    matches, unmatched = correspondence.match_instances(views, per_view, probabilities)
+    fields = [_field_of(img, p.shape[1:]) for img, p in zip(getattr(case, "images", None) or [None] * len(views),
+                                                         probabilities)]
+    matches, unmatched = correspondence.match_instances(views, per_view, probabilities, fields=fields)
     timing["correspondence"] = time.perf_counter() - t
 
     # 4. Pose: triangulation, joint refinement, clean-up.
@@ -109,6 +111,18 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
 
         io.write_result(out_dir, result)
     return result
+
+
+def _field_of(image, shape):
+    """The image's exposed field (bool [v, u]) or None (no image, or another size)."""
+    if image is None:
+        return None
+    arr = np.asarray(image)
+    if arr.ndim != 2 or arr.shape != tuple(shape):
+        return None
+    from .segmentation import field_mask  # noqa: PLC0415  (numpy/scipy only)
+
+    return field_mask(arr)
 
 
 def _check_probabilities(probabilities, views):
