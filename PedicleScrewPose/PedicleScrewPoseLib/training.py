@@ -397,7 +397,7 @@ def render_sample(bank, rng, out_px: int = CROP_PX, full_view: bool = False, sty
         crop = torch.cat([phys, lab], 1)[0].numpy()
     labels = crop[4].round().astype(np.uint8)
     image, field, metal = _physics_and_display(rng, crop[0], crop[1], crop[2], crop[3], style)
-    labels[~field] = 0  # nothing is visible in the unexposed surround
+    labels[~field] = 0  # nothing is visible in the unexposed surround, nor where metal shows no contrast
     return image, labels, metal
 
 
@@ -561,11 +561,17 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
     anat = att[~ti_mask] if (~ti_mask).sum() > 100 else att.ravel()
     lo = np.percentile(anat, rng.uniform(0, 5))
     hi_anat = np.percentile(anat, rng.uniform(97.0, 100))
-    if rng.random() < 0.5:
+    mode = rng.random()
+    if mode < 0.45:
         # Automatic brightness control on the anatomy alone, as most consoles do: metal saturates
         # at the same grey as the densest anatomy (a screw over it cannot be seen; its label stays,
         # as in the test renderer and in hand-drawn labels of real images).
         hi = np.percentile(anat, rng.uniform(96.0, 100))
+    elif mode < 0.65:
+        # The window's top above the metal: a lateral view whose densest part (abdomen, shoulders)
+        # sets the window leaves the screws mid-grey, seen only by their local contrast.
+        top = max(np.percentile(att[ti_mask], 50) if ti_mask.sum() > 10 else hi_anat, hi_anat)
+        hi = top + rng.uniform(0.1, 1.2) * max(top - lo, 1e-6)
     elif ti_mask.sum() > 10:
         hi_metal = np.percentile(att[ti_mask], 50)
         # the window's top lies between the densest anatomy and the metal (or at the metal)
@@ -601,7 +607,26 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
     bits = 16 if rng.random() < 0.4 else 8
     top = (1 << bits) - 1 if rng.random() < 0.8 else int(rng.uniform(0.3, 0.9) * ((1 << bits) - 1))
     img = np.round(np.clip(x, 0, 1) * top).astype(np.uint16 if bits == 16 else np.uint8)
-    return img, field, metal
+    return img, field & _metal_visible(x, ti_mm, steel_mm), metal
+
+
+def _metal_visible(x, ti_mm, steel_mm, min_contrast: float = 0.03):
+    """False on metal pixels that show no contrast against the anatomy around them.
+
+    A screw over anatomy that the display saturates (or that a linear response flattens) cannot
+    be seen; labelling it there teaches the network to call screws on featureless regions.  The
+    local background is the mean displayed grey of the non-metal pixels within a few pixels.
+    """
+    metal_m = (ti_mm > 0.05) | (steel_mm > 0.05)
+    if not metal_m.any():
+        return np.ones(x.shape, bool)
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(metal_m, iterations=2)
+    w = _gauss((~near).astype(np.float32), 5.0)
+    bg = _gauss(np.where(near, 0.0, x).astype(np.float32), 5.0) / np.maximum(w, 1e-3)
+    contrast = np.abs(_gauss(x.astype(np.float32), 1.0) - bg)
+    return ~metal_m | (contrast > min_contrast) | (w < 0.05)
 
 
 def _burn_text(rng, x):
