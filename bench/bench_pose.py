@@ -92,11 +92,13 @@ def main(argv=None) -> int:
         if all(f"{m}/{k}" in done for m in modes for k in ("2views", "3views")):
             continue
         if t_stop and time.time() > t_stop:
-            print("time limit reached while evaluating; rerun to continue")
-            return 3
+            print("time limit reached while evaluating; summarising the cases done so far (rerun to continue)")
+            break
         case = io.read_case(cases_dir / n)
         truth = io.read_truth(cases_dir / n)
         for mode in modes:
+            if all(f"{mode}/{k}" in done for k in ("2views", "3views")):
+                continue  # evaluated before (delete the case's file in evals/ after changing the code)
             if mode == "truth":
                 probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
                 seg_s = 0.0
