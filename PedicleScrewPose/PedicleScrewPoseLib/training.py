@@ -395,8 +395,12 @@ def render_sample(bank, rng, out_px: int = CROP_PX, full_view: bool = False, sty
         phys = F.grid_sample(t[:, :4], grid, mode="bilinear", padding_mode="border", align_corners=False)
         lab = F.grid_sample(t[:, 4:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
         crop = torch.cat([phys, lab], 1)[0].numpy()
+        # the whole view at 1/8 resolution, for scatter and exposure (see _physics_and_display)
+        small = F.avg_pool2d(t[:, :4], 8)[0].numpy()
+        context = {"soft": small[0], "bone": small[1], "ti": small[2], "steel": small[3], "grid": grid}
     labels = crop[4].round().astype(np.uint8)
-    image, field, metal = _physics_and_display(rng, crop[0], crop[1], crop[2], crop[3], style)
+    image, field, metal = _physics_and_display(rng, crop[0], crop[1], crop[2], crop[3], style,
+                                               context=None if full_view else context)
     labels[~field] = 0  # nothing is visible in the unexposed surround, nor where metal shows no contrast
     return image, labels, metal
 
@@ -504,13 +508,28 @@ def _gauss(x, sigma):
     return ndimage.gaussian_filter(x, sigma, mode="nearest") if sigma > 0.05 else x
 
 
-def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
+def _primary(E, w, mu, soft, bone, ti_g, st_g):
+    """Polychromatic primary intensity I/I0 (energy-integrating) of material path lengths (g/cm^2)."""
+    I = np.zeros(np.shape(soft), np.float64)
+    for e_i in range(len(E)):
+        a = mu["soft"][e_i] * soft + mu["bone"][e_i] * bone + mu["titanium"][e_i] * ti_g + mu["steel"][e_i] * st_g
+        I += w[e_i] * np.exp(-np.minimum(a, 60.0))
+    return (I / max(float(np.sum(w)), 1e-12)).astype(np.float32)
+
+
+def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style, context=None):
     """Polychromatic intensity, noise, scatter, blur, then the display transform and quantisation.
 
     Exposure follows the body like a C-arm's automatic exposure control (photons at the median
     pixel of the field), and the display window is set on the anatomy so that metal, the most
     attenuating thing on a spine image, is never hidden: it may saturate, anatomy may not
     saturate to the same level (the label map must describe what can be seen).
+
+    ``context``: the whole view at low resolution (keys ``soft``, ``bone``, ``ti``, ``steel``)
+    and ``grid`` (the crop's sampling grid in it, ``affine_grid`` coordinates).  Scatter and
+    the automatic exposure come from the whole field, as on a C-arm: a crop of dense anatomy
+    next to bright soft tissue gets the scatter of the whole image (low contrast over the
+    vertebral bodies of a lateral view) and the photons the exposure control left it.
     """
     ph = _physics()
     kvp = ph.KVPS[rng.integers(len(ph.KVPS))]
@@ -519,18 +538,28 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
     mu = ph.mu[(kvp, filt)]
     ti_scale = float(rng.uniform(0.75, 1.25))
     tissue_scale = float(rng.uniform(0.7, 1.3))
-    ti_g = ti_mm * 0.1 * ph.ti_density * ti_scale
-    st_g = steel_mm * 0.1 * ph.steel_density
-    soft = soft * tissue_scale
-    bone = bone * float(rng.uniform(0.8, 1.2)) * tissue_scale
-    I = np.zeros(soft.shape, np.float64)
-    for e_i in range(len(E)):
-        a = mu["soft"][e_i] * soft + mu["bone"][e_i] * bone + mu["titanium"][e_i] * ti_g + mu["steel"][e_i] * st_g
-        I += w[e_i] * np.exp(-np.minimum(a, 60.0))
-    I = (I / max(float(np.sum(w)), 1e-12)).astype(np.float32)
-    sf = float(rng.uniform(0.0, 0.5)) if rng.random() < 0.6 else float(rng.uniform(0.5, 1.1))
-    if sf > 0:
-        I = I + sf * _gauss(I, rng.uniform(15, 40))
+    bone_scale = float(rng.uniform(0.8, 1.2)) * tissue_scale
+    ti_k = 0.1 * ph.ti_density * ti_scale
+    st_k = 0.1 * ph.steel_density
+    I = _primary(E, w, mu, soft * tissue_scale, bone * bone_scale, ti_mm * ti_k, steel_mm * st_k)
+    # scatter: the primary blurred over 6-20% of the field, 0-1.2 of it (scatter-to-primary
+    # ratios far above 1 where the anatomy is dense)
+    sf = 1.2 * float(rng.uniform(0.0, 1.0)) ** 1.5   # median ~0.4
+    sig_frac = float(rng.uniform(0.06, 0.2))
+    med_total = None
+    if context is not None:
+        import torch
+        import torch.nn.functional as F
+
+        Ic = _primary(E, w, mu, context["soft"] * tissue_scale, context["bone"] * bone_scale,
+                      context["ti"] * ti_k, context["steel"] * st_k)
+        Sc = _gauss(Ic, sig_frac * max(Ic.shape))
+        med_total = float(np.median(Ic + sf * Sc))
+        S = F.grid_sample(torch.from_numpy(Sc.astype(np.float32))[None, None], context["grid"], mode="bilinear",
+                          padding_mode="border", align_corners=False)[0, 0].numpy()
+    else:
+        S = _gauss(I, sig_frac * max(I.shape))
+    I = I + sf * S
     h, w_ = I.shape
     vv, uu = np.mgrid[0:h, 0:w_].astype(np.float32)
     if rng.random() < 0.5:  # anode heel: a gain ramp across the field
@@ -540,7 +569,7 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style):
     # automatic exposure: photons at the median pixel
     dose = style.get("dose")
     n_med = float(dose) if dose is not None else float(np.exp(rng.uniform(np.log(60), np.log(5000))))
-    scale = n_med / max(float(np.median(I)), 1e-12)
+    scale = n_med / max(float(np.median(I)) if med_total is None else med_total, 1e-12)
     counts = I * scale
     counts = counts + np.sqrt(np.clip(counts, 1e-9, None)) * rng.standard_normal(I.shape).astype(np.float32)
     I = np.clip(counts / scale, 1e-7, None)
