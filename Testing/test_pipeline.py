@@ -108,6 +108,31 @@ def test_run_with_the_network(case_dir, tmp_path):
     assert lab.shape == (256, 256)
 
 
+def test_candidates_off_the_segmentation_are_not_refined(case_dir):
+    """The gate before refinement keeps triangulated screws that lie on the segmented screws
+    in the views they were matched in, and drops one moved off them."""
+    from PedicleScrewPoseLib import pose
+
+    case = io.read_case(case_dir)
+    probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
+    truth = io.read_truth(case_dir)["screws"]
+
+    def estimate(entry, tip, d, L):
+        dims = pose.spec_dimensions(d, L)
+        return pose.ScrewEstimate(entry_mm=np.asarray(entry, float), tip_mm=np.asarray(tip, float),
+                                  diameter_mm=d, length_mm=L, head_diameter_mm=dims["head_diameter_mm"],
+                                  head_height_mm=dims["head_height_mm"], tip_length_mm=dims["tip_length_mm"],
+                                  members={0: 0, 1: 0})
+
+    good = [estimate(s["entry_mm"], s["tip_mm"], s["diameter_mm"], s["length_mm"]) for s in truth]
+    shift = np.array([0.0, 0.0, 60.0])  # between and beyond the levels: on background in both views
+    bad = estimate(np.add(truth[0]["entry_mm"], shift), np.add(truth[0]["tip_mm"], shift),
+                   truth[0]["diameter_mm"], truth[0]["length_mm"])
+    kept = pipeline._gate(case.views, probs, good + [bad], "cpu")
+    assert len(kept) == len(good) and all(k is g for k, g in zip(kept, good))
+    assert pipeline._gate(case.views, probs, [], "cpu") == []
+
+
 def test_no_screws_gives_an_empty_list(tmp_path):
     case = write_small_case(tmp_path / "empty", [])
     out = tmp_path / "out"

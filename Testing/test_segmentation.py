@@ -68,6 +68,38 @@ def test_shipped_weights_segment_fresh_simulated_views(model, simulated):
         assert screw >= SCREW_DICE_FLOOR, f"{view.name}: screw (head + shaft) Dice {screw:.3f}"
 
 
+def test_work_scale_resamples_fine_images_to_the_target_pixel_size():
+    target = segmentation.TARGET_MM_PER_PX
+    assert segmentation.work_scale((512, 512), target / 2) == pytest.approx(0.5)
+    assert segmentation.work_scale((512, 512), 2 * target) == 1.0          # never upsampled
+    assert segmentation.work_scale((4000, 4000), 2 * target) == pytest.approx(1024 / 4000)  # size cap
+    # Without geometry the image is assumed to span DEFAULT_FIELD_MM.
+    assert segmentation.work_scale((1000, 800), None) == pytest.approx(
+        segmentation.DEFAULT_FIELD_MM / 1000 / target)
+    assert segmentation.work_scale((40, 40), 0.01) == 1.0                  # tiny images stay as they are
+
+
+def test_fine_images_give_the_same_labels_as_coarse_ones(model, simulated):
+    """The same view at half the pixel size, with its pixel size given, is resampled back
+    for the network: the labels agree with those of the original view."""
+    import torch
+    import torch.nn.functional as F
+
+    _view, sv = simulated[0]                    # 0.6 mm/px at the isocentre
+    fine = F.interpolate(torch.from_numpy(sv.image.astype(np.float32))[None, None], scale_factor=2,
+                         mode="bilinear", align_corners=False)[0, 0].numpy()
+    p_fine = segmentation.segment([fine], model=model, metal=sv.metal, mm_per_px=0.3)[0]
+    assert p_fine.shape == (3,) + fine.shape
+    p_orig = segmentation.segment([sv.image], model=model, metal=sv.metal, mm_per_px=0.6)[0]
+    back = F.avg_pool2d(torch.from_numpy(p_fine)[None], 2)[0].numpy()
+    a, b = (segmentation.labels_from_probabilities(x) for x in (back, p_orig))
+    assert _dice(a > 0, b > 0, True) > 0.8
+    with pytest.raises(ValueError, match="mm_per_px"):
+        segmentation.segment([sv.image], model=model, mm_per_px=[0.3, 0.3])
+    with pytest.raises(ValueError, match="mm_per_px"):
+        segmentation.segment([sv.image], model=model, mm_per_px=float("nan"))
+
+
 def test_automatic_polarity_matches_hint(model, simulated):
     _view, sv = simulated[1]                       # metal dark
     auto = segmentation.labels_from_probabilities(segmentation.segment([sv.image], model=model)[0])

@@ -75,6 +75,10 @@ def main(argv=None) -> int:
         K, R, t = geometry.decompose_projection(row[:12].reshape(3, 4))[:3]
         views.append(geometry.View(K=K, R=R, t=t, width=int(row[12]), height=int(row[13]), name="test"))
     lateral_views = [i for i, v in enumerate(views) if abs(v.R[2] @ np.array([1.0, 0, 0])) > 0.7]
+    # Pixel size at the spine (mm/px), as the pipeline passes it from each view's geometry.
+    from PedicleScrewPoseLib.correspondence import mm_per_px_at
+
+    spacing = [float(mm_per_px_at(v, center)) for v in views]
 
     def render(rng, vi=None, n=None, params=None):
         vi = int(rng.integers(len(views))) if vi is None else vi
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
         # the truth is background (the simulator's label map is geometric and ignores the field).
         lab = sv.labels.copy()
         lab[~xray.field_mask(W, H, params)] = 0
-        return sv.image, lab, sv.metal, n
+        return sv.image, lab, sv.metal, spacing[vi]
 
     if args.timing_only:
         out = Path(args.out)
@@ -118,30 +122,31 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(seed)
     main_imgs = []
     for i in tqdm(range(args.n_images), desc="main"):
-        img, lab, metal, _n = render(rng)
-        p = segmentation.segment([img], model=model, metal=metal)[0]
+        img, lab, metal, mm = render(rng)
+        p = segmentation.segment([img], model=model, metal=metal, mm_per_px=mm)[0]
         d = training.dice_per_class(segmentation.labels_from_probabilities(p), lab)
         groups["main"].append(d)
         groups[metal].append(d)
         if i < min(60, args.n_images):
-            main_imgs.append((img, lab))
-    for img, lab in tqdm(main_imgs, desc="auto"):
-        p = segmentation.segment([img], model=model, metal=None)[0]
+            main_imgs.append((img, lab, mm))
+    for img, lab, mm in tqdm(main_imgs, desc="auto"):
+        p = segmentation.segment([img], model=model, metal=None, mm_per_px=mm)[0]
         groups["auto"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
     for _ in tqdm(range(args.n_extra), desc="noisy"):
         params = xray.RenderParams.random(rng)
         params.photons_per_pixel = float(rng.uniform(40, 120))
-        img, lab, metal, _n = render(rng, params=params)
-        p = segmentation.segment([img], model=model, metal=metal)[0]
+        img, lab, metal, mm = render(rng, params=params)
+        p = segmentation.segment([img], model=model, metal=metal, mm_per_px=mm)[0]
         groups["noisy"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
     for _ in tqdm(range(args.n_extra if lateral_views else 0), desc="lateral"):
         vi = int(rng.choice(lateral_views))
-        img, lab, metal, _n = render(rng, vi=vi, n=int(rng.integers(4, 13)))
-        p = segmentation.segment([img], model=model, metal=metal)[0]
+        img, lab, metal, mm = render(rng, vi=vi, n=int(rng.integers(4, 13)))
+        p = segmentation.segment([img], model=model, metal=metal, mm_per_px=mm)[0]
         groups["lateral"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
     for _ in tqdm(range(max(1, args.n_extra // 2)), desc="empty"):
-        img, lab, metal, _n = render(rng, n=0)
-        pred = segmentation.labels_from_probabilities(segmentation.segment([img], model=model, metal=metal)[0])
+        img, lab, metal, mm = render(rng, n=0)
+        pred = segmentation.labels_from_probabilities(
+            segmentation.segment([img], model=model, metal=metal, mm_per_px=mm)[0])
         empty_fp.append(int((pred > 0).sum()))
 
     timing = _timing(model, main_imgs[0][0] if main_imgs else render(np.random.default_rng(seed))[0])
@@ -163,6 +168,7 @@ def main(argv=None) -> int:
         "held_out": {"levels": list(training.TEST_LEVELS), "lao_bands_deg": [list(b) for b in training.TEST_LAO_BANDS_DEG],
                      "diameters_mm": list(training.TEST_DIAMETERS_MM)},
         "image_px": [int(views[0].height), int(views[0].width)],
+        "network_input_mm_per_px": segmentation.TARGET_MM_PER_PX,
         "renderer": "xray.render_view + RenderParams.random + random_distractors (not the training compositor)",
         "dice": {k: summary(v) for k, v in groups.items()},
         "empty_images": {"n": len(empty_fp), "screw_pixels_median": float(np.median(empty_fp)) if empty_fp else None,

@@ -659,6 +659,17 @@ def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
         return _confidences(views, rays, targets, est, torch_device)
 
 
+def confidences(views, probabilities, estimates, device="cpu") -> list[ScrewEstimate]:
+    """``estimates`` with ``confidence`` and ``view_confidence`` set from how their silhouettes
+    agree with the (head, shaft) probabilities of each view (see :func:`_confidences`)."""
+    if not estimates:
+        return []
+    torch_device = torch.device(device)
+    with single_thread(torch_device):
+        rays = [_ViewRays(v, torch_device) for v in views]
+        return _confidences(views, rays, _targets(probabilities, torch_device), estimates, torch_device)
+
+
 @torch.no_grad()
 def _confidences(views, rays, targets, estimates, device):
     """Per screw and view: IoU of its rendered silhouette with the segmented foreground near it

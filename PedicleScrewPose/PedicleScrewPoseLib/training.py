@@ -389,7 +389,7 @@ def render_sample(bank, rng, out_px: int = CROP_PX, full_view: bool = False, sty
         crop = chans
     else:
         out_h = out_w = out_px
-        theta = _random_affine(rng, (H, W), out_px, bank["scr_head_px"][chosen] if n else None)
+        theta = _random_affine(rng, (H, W), out_px, bank["scr_head_px"][chosen] if n else None, px_mm_iso)
         t = torch.from_numpy(chans)[None]
         grid = F.affine_grid(torch.from_numpy(theta)[None].float(), (1, 5, out_h, out_w), align_corners=False)
         phys = F.grid_sample(t[:, :4], grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -411,10 +411,23 @@ def _label_threshold_mm():
     return float(getattr(xray, "LABEL_THRESHOLD_MM", 0.05))
 
 
-def _random_affine(rng, shape, out_px, heads_uv):
-    """affine_grid theta (output normalised coords → input normalised coords)."""
+#: Pixel sizes (mm at the isocentre) of the training crops.  Inference resamples every image
+#: to segmentation.TARGET_MM_PER_PX (0.55) or leaves a coarser one as it is, so the crops
+#: cover that and coarser, rather than the fine pixels inference never shows the network.
+CROP_MM_PER_PX = (0.4, 1.1)
+
+
+def _random_affine(rng, shape, out_px, heads_uv, px_mm_iso=None):
+    """affine_grid theta (output normalised coords → input normalised coords).
+
+    With ``px_mm_iso`` (the bank view's pixel size at the isocentre) the crop's pixel size
+    is log-uniform in ``CROP_MM_PER_PX``; without, the zoom is log-uniform in 0.55-1.8."""
     H, W = shape
-    zoom = float(np.exp(rng.uniform(np.log(0.55), np.log(1.8))))   # input px per output px
+    if px_mm_iso:
+        out_mm = float(np.exp(rng.uniform(np.log(CROP_MM_PER_PX[0]), np.log(CROP_MM_PER_PX[1]))))
+        zoom = out_mm / float(px_mm_iso)   # input px per output px
+    else:
+        zoom = float(np.exp(rng.uniform(np.log(0.55), np.log(1.8))))
     ang = float(rng.uniform(0, 2 * np.pi)) if rng.random() < 0.5 else float(rng.normal(0, 0.2))
     flip = -1.0 if rng.random() < 0.5 else 1.0
     half_in = zoom * out_px / 2.0
