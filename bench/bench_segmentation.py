@@ -136,8 +136,9 @@ def main(argv=None) -> int:
         vis: list = []
         img, lab, metal, mm = render(rng, visible=vis)
         p = segmentation.segment([img], model=model, metal=metal, mm_per_px=mm)[0]
-        d = training.dice_per_class(segmentation.labels_from_probabilities(p), lab)
-        groups["main_visible_truth"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), vis[0]))
+        pred = segmentation.labels_from_probabilities(p)
+        d = training.dice_per_class(pred, lab)
+        groups["main_visible_truth"].append(training.dice_per_class(pred, vis[0]))
         groups["main"].append(d)
         groups[metal].append(d)
         if i < min(60, args.n_images):

@@ -59,11 +59,11 @@ KNOWN_NETWORKS = ("monai.networks.nets.BasicUNet", "monai.networks.nets.UNet")
 CLASS_NAMES = ("background", "head", "shaft")
 MIN_SIDE_PX = 8           # smaller images are refused: nothing meaningful to segment
 MAX_WORK_SIDE_PX = 1024   # larger images are downscaled for the network, probabilities upsampled back
-#: The network sees images resampled to about this many mm per pixel at the isocentre: the
-#: middle of the training range (0.19-1.6 mm/px; screws 4-8.5 mm wide).  Finer images are
-#: area-averaged down to it, which also averages quantum noise: on the pose benchmark's
-#: 0.3 mm/px lateral views, mean Dice rose from 0.35/0.39 (head/shaft) at full resolution to
-#: 0.65/0.73 at 0.6 mm/px (shipped weights, 10 cases).
+#: The network sees images resampled to about this many mm per pixel at the isocentre, inside
+#: the training crops' range (training.CROP_MM_PER_PX).  Finer images are area-averaged down to
+#: it, which also averages quantum noise: on the pose benchmark's 0.3 mm/px lateral views, the
+#: v2 weights' mean Dice rose from 0.35/0.39 (head/shaft) at full resolution to 0.63/0.73 here
+#: (10 cases; 0.5, 0.65 and 0.75 mm/px did worse, for v2 and v3 alike).
 TARGET_MM_PER_PX = 0.55
 #: Without geometry, a C-arm image is assumed to span this many mm at the isocentre (a 9-12"
 #: image intensifier or flat panel, magnification ~1.3-1.5).
@@ -319,11 +319,9 @@ def work_scale(shape, mm_per_px=None, target_mm_per_px: float = TARGET_MM_PER_PX
     return max(f, min(1.0, 64.0 / min(shape)))
 
 
-def _to_work_size(x: np.ndarray, f: float | None = None) -> np.ndarray:
-    """Area-average ``x`` down by the factor ``f`` (default: the size cap alone)."""
+def _to_work_size(x: np.ndarray, f: float) -> np.ndarray:
+    """Area-average ``x`` down by the factor ``f`` (from :func:`work_scale`)."""
     h, w = x.shape
-    if f is None:
-        f = min(1.0, MAX_WORK_SIDE_PX / max(h, w))
     if f >= 0.999:
         return x
     import torch
