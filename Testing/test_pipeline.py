@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from PedicleScrewPoseLib import cli, evaluation, geometry, io, pipeline, screw as sc, xray
+from PedicleScrewPoseLib import cli, evaluation, geometry, io, pipeline, pose, screw as sc, xray
 
 ISO = (0.0, -20.0, 0.0)
 
@@ -131,6 +131,22 @@ def test_candidates_off_the_segmentation_are_not_refined(case_dir):
     kept = pipeline._gate(case.views, probs, good + [bad], "cpu")
     assert len(kept) == len(good) and all(k is g for k, g in zip(kept, good))
     assert pipeline._gate(case.views, probs, [], "cpu") == []
+
+
+def test_clean_merges_screws_whose_metal_would_overlap():
+    def est(entry, tip, conf, d=6.0):
+        return pose.ScrewEstimate(entry_mm=np.array(entry, float), tip_mm=np.array(tip, float), diameter_mm=d,
+                                  length_mm=40.0, head_diameter_mm=11.0, head_height_mm=12.0, tip_length_mm=3.0,
+                                  confidence=conf)
+
+    a = est([0, 0, 0], [0, 40, 0], 0.9)
+    near = est([4.5, 0, 0], [4.5, 40, 0], 0.7)       # 4.5 mm apart, radii 3 + 3: one screw seen twice
+    thin = est([4.5, 0, 0], [4.5, 40, 0], 0.7, d=2.0)  # radii 3 + 1: apart, and over DUPLICATE_MM
+    other = est([30, 0, 0], [30, 40, 0], 0.8)         # the bilateral partner
+    weak = est([60, 0, 0], [60, 40, 0], pipeline.MIN_CONFIDENCE - 0.01)
+    kept = pipeline._clean([near, a, other, weak])
+    assert kept == [a, other]
+    assert pipeline._clean([a, thin]) == [a, thin]
 
 
 def test_no_screws_gives_an_empty_list(tmp_path):

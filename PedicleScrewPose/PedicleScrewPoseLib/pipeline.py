@@ -29,6 +29,8 @@ MIN_CONFIDENCE = 0.4
 #: (truth or network maps, 16 bench cases), while 20% of the wrong pairings did.
 MIN_INITIAL_CONFIDENCE = 0.3
 #: Two screws closer than this (max of entry and tip distance, mm) after refinement are one.
+#: Screws whose axes are closer than their summed radii at both ends are one as well: their
+#: metal would overlap along the whole shaft, which no two real screws do.
 DUPLICATE_MM = 3.0
 
 
@@ -170,7 +172,8 @@ def _clean(estimates):
     good.sort(key=lambda e: -e.confidence)
     kept = []
     for e in good:
-        if any(max(np.linalg.norm(e.entry_mm - k.entry_mm), np.linalg.norm(e.tip_mm - k.tip_mm)) < DUPLICATE_MM
+        if any(max(np.linalg.norm(e.entry_mm - k.entry_mm), np.linalg.norm(e.tip_mm - k.tip_mm))
+               < max(DUPLICATE_MM, 0.5 * (float(e.diameter_mm) + float(k.diameter_mm)))
                for k in kept):
             continue
         kept.append(e)
