@@ -91,19 +91,15 @@ class ScrewEstimate:
         return d / max(np.linalg.norm(d), 1e-9)
 
     def with_size(self, diameter_mm: float, length_mm: float, keep_entry=True) -> "ScrewEstimate":
-        """The same screw (entry, axis) at another size.  The head keeps its measured
-        proportions: the head dimensions scale as the model's nominal ones do (the head of
-        another screw design is fitted, not taken from our catalogue)."""
         dims = spec_dimensions(diameter_mm, length_mm)
-        old = spec_dimensions(self.diameter_mm, self.length_mm)
         tip = np.asarray(self.entry_mm, float) + self.axis * dims["length_mm"]
         return replace(
             self,
             tip_mm=tip,
             diameter_mm=dims["diameter_mm"],
             length_mm=dims["length_mm"],
-            head_diameter_mm=dims["head_diameter_mm"] * self.head_diameter_mm / old["head_diameter_mm"],
-            head_height_mm=dims["head_height_mm"] * self.head_height_mm / old["head_height_mm"],
+            head_diameter_mm=dims["head_diameter_mm"],
+            head_height_mm=dims["head_height_mm"],
             tip_length_mm=dims["tip_length_mm"],
         )
 
@@ -432,19 +428,10 @@ def _tangent_basis(axis):
     return t1, t2
 
 
-#: The head's height and diameter are fitted (one scale for all screws of a case) within this
-#: factor range of the model's nominal head for each screw's size.  Screw designs differ most in the head (tulip height, monoaxial
-#: or polyaxial): with true label maps, a head model 30% too short or tall put the median entry
-#: error at ~1 mm instead of 0.2 mm (bench cases 0-9, AP + lateral), since the fit then trades
-#: the head-shaft boundary against the head's top.
-HEAD_SCALE_RANGE = (0.6, 1.6)
-
-
 def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, margin_px,
               free_length, free_diameter, device, lr_mm=0.4, lr_rad=0.01,
-              length_range=(20.0, 70.0), diameter_range=(3.5, 9.0), free_head=True):
-    """Adam on (entry shift, axis tilt, log length, log diameter, log head height and
-    diameter) of all screws jointly."""
+              length_range=(20.0, 70.0), diameter_range=(3.5, 9.0)):
+    """Adam on (entry shift, axis tilt, log length, log diameter) of all screws jointly."""
     K = len(estimates)
     prob = _Problem(views, rays, targets, estimates, stride, margin_px, device)
     f32 = dict(dtype=torch.float32, device=device)
@@ -462,23 +449,11 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
     d_ang = torch.zeros(K, 2, requires_grad=True, **f32)
     d_logL = torch.zeros(K, requires_grad=True, **f32)
     d_logd = torch.zeros(K, requires_grad=True, **f32)
-    # One log scale of head height and diameter shared by all screws: a case's screws come from
-    # one maker's set, and a scale per screw let heads swell over a superimposed neighbour's
-    # (true labels, cases 0-9: five screws went from ~0.2 mm to 4-9 mm).
-    d_loghead = torch.zeros(1, 2, requires_grad=True, **f32)
-    nominal = [spec_dimensions(e.diameter_mm, e.length_mm) for e in estimates]
-    head_lo = torch.as_tensor([[HEAD_SCALE_RANGE[0] * n["head_height_mm"], HEAD_SCALE_RANGE[0] * n["head_diameter_mm"]]
-                               for n in nominal], **f32)
-    head_hi = torch.as_tensor([[HEAD_SCALE_RANGE[1] * n["head_height_mm"], HEAD_SCALE_RANGE[1] * n["head_diameter_mm"]]
-                               for n in nominal], **f32)
-    head0 = torch.stack([head_h, head_d], 1)
     groups = [(d_entry, lr_mm), (d_ang, lr_rad)]
     if free_length:
         groups.append((d_logL, 0.01))
     if free_diameter:
         groups.append((d_logd, 0.01))
-    if free_head:
-        groups.append((d_loghead, 0.01))
     opt = _Adam(groups, iterations, floor=0.05)
 
     def params():
@@ -489,17 +464,16 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
         # whose tip hides behind another could otherwise shrink and turn.
         L = (L0 * torch.exp(d_logL)).clamp(*length_range)
         d = (d0 * torch.exp(d_logd)).clamp(*diameter_range)
-        head = torch.maximum(torch.minimum(head0 * torch.exp(d_loghead), head_hi), head_lo)
-        return entry, axis, L, d, head
+        return entry, axis, L, d
 
     for _ in range(iterations):
         opt.zero_grad()
-        entry, axis, L, d, head = params()
+        entry, axis, L, d = params()
         loss = 0.0
         for pv in prob.per_view:
             if pv is None:
                 continue
-            H, S, _, _ = _composite(pv, entry, axis, L, d, head[:, 1], head[:, 0], tip_ratio * d, sigma_px)
+            H, S, _, _ = _composite(pv, entry, axis, L, d, head_d, head_h, tip_ratio * d, sigma_px)
             err = (H - pv["target"][0]) ** 2 + (S - pv["target"][1]) ** 2
             loss = loss + err.sum() / pv["norm"]
         if not torch.is_tensor(loss):
@@ -508,11 +482,12 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
         opt.step()
 
     with torch.no_grad():
-        entry, axis, L, d, head = params()
+        entry, axis, L, d = params()
         out = []
         for k, est in enumerate(estimates):
             dd = float(d[k]) if free_diameter else est.diameter_mm
-            # The head's height and diameter are fitted apart from the shaft's diameter (above).
+            # While the diameter is free the head keeps its size: only the log or the catalogue
+            # decides the screw model.
             LL = float(L[k])
             dims = spec_dimensions(dd, LL)
             e = entry[k].double().cpu().numpy()
@@ -525,8 +500,6 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
                     length_mm=LL,
                     diameter_mm=dd,
                     tip_length_mm=dims["tip_length_mm"],
-                    head_height_mm=float(head[k, 0]),
-                    head_diameter_mm=float(head[k, 1]),
                 )
             )
     return out
