@@ -91,3 +91,26 @@ def test_empty_and_bad_probabilities():
     p[1, 3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         instances.find_instances(p)
+
+
+def test_calibration_beads_called_head_are_no_screw():
+    """A row of beads (2.4 mm balls) that a network labels head, and shaft at one end (as seen on
+    a simulated image of a calibration phantom): thinner than any screw head."""
+    v = views(size=384, pixel_mm=0.5)[0]
+    s = make([-22, -40, 0], [np.sin(0.25), 1.0, 0.1])
+    lab = xray.label_map([s], v)
+    mmpx = mm_per_px(v)
+    vv, uu = np.mgrid[: lab.shape[0], : lab.shape[1]]
+    for k in range(8):  # beads 2 mm apart: one blob in the label map
+        cu, cv = 270 + k * 2.0 / mmpx, 60
+        lab[(uu - cu) ** 2 + (vv - cv) ** 2 <= (1.2 / mmpx) ** 2] = 1 if k < 4 else 2
+    found = instances.find_instances(one_hot(lab), 0, mm_per_px=mmpx)
+    assert len(found) == 1 and found[0].has_head
+    check_matches_truth(found, [s], v, tol_head_px=4.0, tol_tip_px=6.0)
+    # Without the rule the bead row is a head.
+    old = instances.MIN_HEAD_INSCRIBED_MM
+    try:
+        instances.MIN_HEAD_INSCRIBED_MM = 0.0
+        assert len(instances.find_instances(one_hot(lab), 0, mm_per_px=mmpx)) == 2
+    finally:
+        instances.MIN_HEAD_INSCRIBED_MM = old

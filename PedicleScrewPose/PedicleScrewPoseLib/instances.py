@@ -24,6 +24,11 @@ from scipy import ndimage
 
 __all__ = ["Instance", "find_instances"]
 
+#: A head blob must hold a disc of this radius (mm at the patient): a screw head is 10-13 mm
+#: wide from any side, while a row of calibration beads, a K-wire or a lead that the network
+#: calls head is a few millimetres thick.
+MIN_HEAD_INSCRIBED_MM = 2.0
+
 
 @dataclass
 class Instance:
@@ -86,7 +91,7 @@ def find_instances(probabilities, view_index: int = 0, mm_per_px: float = 0.4,
     min_head_area = np.pi * (1.8 * px_mm) ** 2
     max_len_px = 85.0 * px_mm  # longest screw + head, mm
 
-    seeds = _head_seeds(head, min_head_area)
+    seeds = _head_seeds(head, min_head_area, min_radius_px=MIN_HEAD_INSCRIBED_MM * px_mm)
     seed_id = np.zeros(head.shape, np.int32)
     for k, m in enumerate(seeds, start=1):
         seed_id[m] = k
@@ -162,8 +167,9 @@ def _attach_head(inst, owner):
     )
 
 
-def _head_seeds(head: np.ndarray, min_area: float) -> list[np.ndarray]:
-    """Head blobs, merged heads split at distance-transform peaks (one seed per head)."""
+def _head_seeds(head: np.ndarray, min_area: float, min_radius_px: float = 0.0) -> list[np.ndarray]:
+    """Head blobs, merged heads split at distance-transform peaks (one seed per head).
+    Blobs thinner than ``2 * min_radius_px`` everywhere are no head."""
     lab, n = ndimage.label(head)
     seeds = []
     for k, sl in enumerate(ndimage.find_objects(lab), start=1):
@@ -175,6 +181,8 @@ def _head_seeds(head: np.ndarray, min_area: float) -> list[np.ndarray]:
             continue
         dt = ndimage.distance_transform_edt(np.pad(blob, 1))[1:-1, 1:-1]
         r = dt.max()
+        if r < min_radius_px:
+            continue
         # Peaks of the distance transform at least one head radius apart, nearly as deep.
         size = max(3, int(2 * r * 0.9) | 1)
         peaks = (dt == ndimage.maximum_filter(dt, size=size)) & (dt > 0.7 * r)
