@@ -93,7 +93,7 @@ def test_empty_and_bad_probabilities():
         instances.find_instances(p)
 
 
-def test_calibration_beads_called_head_are_no_screw():
+def test_calibration_beads_called_head_are_no_screw(monkeypatch):
     """A row of beads (2.4 mm balls) that a network labels head, and shaft at one end (as seen on
     a simulated image of a calibration phantom): thinner than any screw head."""
     v = views(size=384, pixel_mm=0.5)[0]
@@ -108,9 +108,5 @@ def test_calibration_beads_called_head_are_no_screw():
     assert len(found) == 1 and found[0].has_head
     check_matches_truth(found, [s], v, tol_head_px=4.0, tol_tip_px=6.0)
     # Without the rule the bead row is a head.
-    old = instances.MIN_HEAD_INSCRIBED_MM
-    try:
-        instances.MIN_HEAD_INSCRIBED_MM = 0.0
-        assert len(instances.find_instances(one_hot(lab), 0, mm_per_px=mmpx)) == 2
-    finally:
-        instances.MIN_HEAD_INSCRIBED_MM = old
+    monkeypatch.setattr(instances, "MIN_HEAD_INSCRIBED_MM", 0.0)
+    assert len(instances.find_instances(one_hot(lab), 0, mm_per_px=mmpx)) == 2

@@ -107,9 +107,7 @@ def main(argv=None) -> int:
 
                 model = model or segmentation.load_model(device=args.device)
                 t = time.perf_counter()
-                # As pipeline.run_case does: each view's pixel size from its geometry.
-                probs = segmentation.segment(case.images, model=model, metal=[v.metal for v in case.views],
-                                             device=args.device, mm_per_px=segmentation.view_spacings(case.views))
+                probs = segmentation.segment_views(case.views, case.images, model=model, device=args.device)
                 seg_s = time.perf_counter() - t
             else:
                 raise ValueError(f"unknown mode {mode!r}")

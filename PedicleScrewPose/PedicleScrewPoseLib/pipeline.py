@@ -60,9 +60,7 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
 
         if model is None:
             model = segmentation.load_model(device=device)
-        probabilities = segmentation.segment(case.images, model=model,
-                                             metal=[getattr(v, "metal", None) for v in views], device=device,
-                                             mm_per_px=segmentation.view_spacings(views))
+        probabilities = segmentation.segment_views(views, case.images, model=model, device=device)
     probabilities = _check_probabilities(probabilities, views)
     timing["segmentation"] = time.perf_counter() - t
 

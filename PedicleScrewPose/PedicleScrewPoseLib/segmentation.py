@@ -535,8 +535,7 @@ def segment_command(args) -> int:
     case = io.read_case(case_dir)
     model = load_model(args.weights, device=args.device)
     _set_threads()
-    hints = [getattr(v, "metal", None) for v in case.views]
-    probs = segment(case.images, model=model, metal=hints, device=args.device, mm_per_px=view_spacings(case.views))
+    probs = segment_views(case.views, case.images, model=model, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
     for view, img, p in zip(case.views, case.images, probs):
         labels = labels_from_probabilities(p)
@@ -546,6 +545,13 @@ def segment_command(args) -> int:
         n_head, n_shaft = int((labels == 1).sum()), int((labels == 2).sum())
         print(f"{view.name}: head {n_head} px, shaft {n_shaft} px -> {base}_labels.png, {base}_overlay.png")
     return 0
+
+
+def segment_views(views, images, model=None, device="cpu") -> list:
+    """:func:`segment` for the images of calibrated views: each view's ``metal`` hint and its
+    pixel size at the scene centre (:func:`view_spacings`) go with its image."""
+    return segment(images, model=model, metal=[getattr(v, "metal", None) for v in views], device=device,
+                   mm_per_px=view_spacings(views))
 
 
 def view_spacings(views) -> list:
