@@ -100,6 +100,21 @@ def test_fine_images_give_the_same_labels_as_coarse_ones(model, simulated):
         segmentation.segment([sv.image], model=model, mm_per_px=float("nan"))
 
 
+def test_mirror_averaging_makes_the_answer_mirror_symmetric(model, simulated):
+    """With the mirrored pass averaged in, a mirrored image gets the mirrored probabilities
+    (a screw does not care which way the detector is read out); without it, it need not."""
+    _view, sv = simulated[1]
+    img = sv.image
+    flipped = np.ascontiguousarray(img[:, ::-1])
+    a, b = segmentation.segment([img, flipped], model=model, metal="dark")
+    np.testing.assert_allclose(b, a[:, :, ::-1], atol=2e-3)
+    a1, b1 = segmentation.segment([img, flipped], model=model, metal="dark", mirror=False)
+    assert np.abs(b1 - a1[:, :, ::-1]).max() > 0.05       # the network alone is not symmetric
+    # The average is still a distribution and still finds the screws.
+    np.testing.assert_allclose(a.sum(0), 1.0, atol=1e-4)
+    assert _dice(segmentation.labels_from_probabilities(a) > 0, sv.labels > 0, True) >= SCREW_DICE_FLOOR
+
+
 def test_automatic_polarity_matches_hint(model, simulated):
     _view, sv = simulated[1]                       # metal dark
     auto = segmentation.labels_from_probabilities(segmentation.segment([sv.image], model=model)[0])

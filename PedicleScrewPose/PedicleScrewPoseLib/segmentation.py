@@ -178,7 +178,7 @@ def save_weights(model, path, meta: dict | None = None, half: bool = False) -> s
 
 # --------------------------------------------------------------------------- inference
 def segment(images, model=None, metal=None, device="cpu", batch_size: int = 4, mm_per_px=None,
-            target_mm_per_px: float | None = None):
+            target_mm_per_px: float | None = None, mirror: bool = True):
     """Per-pixel probabilities (background, head, shaft) for each image.
 
     ``images``: list of 2D arrays ``[v, u]`` of any size, dtype and bit depth
@@ -194,7 +194,10 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int = 4, m
     Automatic polarity: the network runs on both polarities and the one with
     more confident screw evidence is kept (a wrong polarity shows metal as the
     least attenuating thing in the image, which the network does not call a
-    screw).  A constant image gives all background.  Raises ``ValueError`` for
+    screw).  ``mirror``: average with the network's answer on the left-right
+    mirrored image (in the kept polarity only): one more pass per image, and on the
+    held-out test set about +0.02 mean Dice per class (see the model card).
+    A constant image gives all background.  Raises ``ValueError`` for
     images that are not 2D, smaller than 8x8 pixels, or without a finite pixel.
     """
     import torch
@@ -246,13 +249,21 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int = 4, m
             results[i] = p
 
     probs_by_item = _run_network(model, [w[2] for w in work], device, batch_size)
-    best: dict[int, tuple[float, np.ndarray]] = {}
+    best: dict[int, tuple[float, np.ndarray, str]] = {}
     for (i, pol, _x, shape), p in zip(work, probs_by_item):
         p = _resize_probs(p, shape)
         score = _screw_evidence(p)
         if i not in best or score > best[i][0]:
-            best[i] = (score, p)
-    for i, (_s, p) in best.items():
+            best[i] = (score, p, pol)
+    if mirror and best:
+        # A screw looks the same in a mirror; the network's errors mostly do not, so the
+        # average of both answers is steadier (test-time augmentation with a training flip).
+        keep = [(i, pol, x, shape) for (i, pol, x, shape) in work if pol == best[i][2]]
+        flipped = _run_network(model, [np.ascontiguousarray(x[:, ::-1]) for _i, _pol, x, _shape in keep],
+                               device, batch_size)
+        for (i, _pol, _x, shape), pf in zip(keep, flipped):
+            best[i] = (best[i][0], 0.5 * (best[i][1] + _resize_probs(np.ascontiguousarray(pf[:, :, ::-1]), shape)), best[i][2])
+    for i, (_s, p, _pol) in best.items():
         results[i] = suppress_specks(p)
     return results
 
