@@ -147,6 +147,18 @@ def test_clean_merges_screws_whose_metal_would_overlap():
     kept = pipeline._clean([near, a, other, weak])
     assert kept == [a, other]
     assert pipeline._clean([a, thin]) == [a, thin]
+    # The same screw fitted twice, once 10 mm too short: the short one lies inside the other's metal.
+    short = est([0.5, 0, 0], [0.5, 30, 0], 0.6)
+    short.length_mm = 30.0
+    assert pipeline._clean([a, short]) == [a]
+    # Bilateral screws converging to within 5 mm at their tips stay two (only the tips are close).
+    left = est([-20, 0, 0], [-3, 36, 0], 0.8)
+    right = est([20, 0, 0], [3, 36, 0], 0.8)
+    assert pipeline._clean([left, right]) == [left, right]
+    # A confident fit pointing out to the side (80° from anterior) or backwards is no pedicle screw.
+    sideways = est([0, 0, 50], [39.4, 6.9, 50], 0.95)
+    backwards = est([0, 40, 90], [0, 0, 90], 0.95)
+    assert pipeline._clean([a, sideways, backwards]) == [a]
 
 
 def test_no_screws_gives_an_empty_list(tmp_path):

@@ -108,6 +108,30 @@ def test_initial_pose_from_instances_is_close(scene):
         assert angle_deg(best.axis, s.axis) < 10.0
 
 
+
+def test_initial_pose_puts_the_head_at_the_back(scene):
+    """Instances whose head end was read at the tip (a head blob at the wrong end) would give
+    a screw pointing out of the patient's back: the initial pose turns it round."""
+    import dataclasses
+
+    views, screws, labels = scene
+    probs = [one_hot(l) for l in labels]
+    c = correspondence.scene_centre(views)
+    per_view = [instances.find_instances(p, i, mm_per_px=correspondence.mm_per_px_at(v, c))
+                for i, (p, v) in enumerate(zip(probs, views))]
+    matches, _ = correspondence.match_instances(views, per_view, probs)
+    swapped = [[dataclasses.replace(inst, head_px=np.asarray(inst.tip_px, float), tip_px=inst.head_end_px)
+                for inst in insts] for insts in per_view]
+    assert pose.posterior_pointing([0.0, -1.0, 0.2]) and not pose.posterior_pointing([0.3, 0.9, 0.1])
+    implants = [{"diameter_mm": 6.5, "length_mm": 45.0}]
+    for est in (pose.initial_poses(views, per_view, matches, implants=implants),
+                pose.initial_poses(views, swapped, matches, implants=implants)):
+        assert len(est) == len(screws)
+        for s in screws:
+            best = min(est, key=lambda e: np.linalg.norm(e.entry_mm - s.entry_mm))
+            assert np.linalg.norm(best.entry_mm - s.entry_mm) < 8.0
+            assert angle_deg(best.axis, s.axis) < 10.0
+
 def test_confidence_is_low_for_a_screw_on_background(scene):
     views, screws, labels = scene
     probs = [one_hot(l) for l in labels]

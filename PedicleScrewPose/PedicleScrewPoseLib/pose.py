@@ -146,6 +146,17 @@ def _mm_per_px(view: geometry.View, point_mm) -> float:
     return float(geometry.depth(view.P / np.linalg.norm(view.P[2, :3]), point_mm)[0]) / abs(view.K[0, 0])
 
 
+#: World RAS direction in which a pedicle screw points from head to tip (posterior approach).
+ANTERIOR = np.array([0.0, 1.0, 0.0])
+
+
+def posterior_pointing(axis_head_to_tip) -> bool:
+    """Whether a head-to-tip direction (world RAS) points backwards, out of the patient's back:
+    no pedicle screw does (all 314 of the pose benchmark's screws point 36° or less from
+    anterior, as pedicle trajectories do)."""
+    return float(np.asarray(axis_head_to_tip, float) @ ANTERIOR) < 0.0
+
+
 def initial_poses(views, instances, matches, implants=None) -> list[ScrewEstimate]:
     """Triangulate each matched screw from all its views.
 
@@ -173,6 +184,12 @@ def initial_poses(views, instances, matches, implants=None) -> list[ScrewEstimat
             wts.append(max(inst.visible_fraction, 0.05))
         head_c = geometry.triangulate_points(Ps, heads)
         tip = geometry.triangulate_points(Ps, tips, weights=wts)
+        if posterior_pointing(tip - head_c):
+            # A pedicle screw goes in from the back: its tip lies anterior of its head (world
+            # RAS).  The head end was read at the wrong end of the shaft (a head blob the
+            # network put at the tip); start from the other way round.
+            head_c = geometry.triangulate_points(Ps, tips)
+            tip = geometry.triangulate_points(Ps, heads)
         axis = tip - head_c
         n = np.linalg.norm(axis)
         if n < 1e-6:
