@@ -110,3 +110,22 @@ def test_calibration_beads_called_head_are_no_screw(monkeypatch):
     # Without the rule the bead row is a head.
     monkeypatch.setattr(instances, "MIN_HEAD_INSCRIBED_MM", 0.0)
     assert len(instances.find_instances(one_hot(lab), 0, mm_per_px=mmpx)) == 2
+
+
+def test_a_neighbours_shaft_reaching_this_head_is_not_this_screws_shaft():
+    """AP view, one side, adjacent levels: the caudal screw is tilted cranially so that its shaft
+    runs up to the cranial screw's head, while the cranial screw's own shaft is short (it points
+    almost along the beam).  The cranial instance keeps its own short shaft."""
+    v = views()[0]
+    screws = [make([-22, -40, 0], [0.0, 1.0, 0.3], sid="A"), make([-22, -40, -26], [0.0, 1.0, 0.6], sid="B")]
+    lab = xray.label_map(screws, v)
+    found = [i for i in instances.find_instances(one_hot(lab), 0, mm_per_px=mm_per_px(v)) if i.has_head]
+    assert len(found) == 2
+    a, b = screws
+    head_a, tip_a = geometry.project(v.P, np.array([a.entry_mm - a.axis * a.spec.head_height_mm * 0.5, a.tip_mm]))
+    head_b = geometry.project(v.P, np.array([b.entry_mm - b.axis * b.spec.head_height_mm * 0.5]))[0]
+    inst_a = min(found, key=lambda i: np.linalg.norm(i.head_end_px - head_a))
+    assert np.linalg.norm(inst_a.head_end_px - head_a) < 4.0
+    # Its far end lies on its own side of the head, not down on the neighbour's shaft.
+    assert np.linalg.norm(inst_a.tip_px - tip_a) < np.linalg.norm(inst_a.tip_px - head_b)
+    assert np.linalg.norm(inst_a.tip_px - tip_a) < 6.0

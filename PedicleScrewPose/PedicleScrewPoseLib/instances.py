@@ -295,9 +295,17 @@ def _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, other_head, px_mm, m
     counts_other = strip_counts(hist_other)
     occupied &= counts_other < 0.5 * np.maximum(counts, 1.0)
     run = np.cumprod(occupied[:, start:], axis=1).sum(1)
+    # A run that stops at another head is that head's shaft coming the other way (heads of
+    # adjacent levels sit in a row in an AP view, each shaft reaching towards the next head):
+    # it does not count, even where it is longer than this screw's own short, foreshortened one.
+    ends_at_head = np.zeros(A, bool)
+    if other.any():
+        end_pts = (start + run)[:, None] * dirs                          # relative to the head centre
+        d_other = np.min(np.linalg.norm(end_pts[:, None, :] - rel_n[other][None, :, :], axis=2), axis=1)
+        ends_at_head = (d_other < gap + 0.5 * r_head) & (run > 0)
     # Prefer directions that leave the head through shaft (not head) pixels.
     shaft_counts = strip_counts(hist_shaft).sum(1)
-    score_dir = run + 1e-3 * shaft_counts
+    score_dir = np.where(ends_at_head, 0.0, run) + 1e-3 * shaft_counts
     # Smooth over neighbouring angles so a single lucky ray does not win.
     score_s = np.convolve(np.r_[score_dir[-2:], score_dir, score_dir[:2]], np.ones(5) / 5, "valid")
     best = int(np.argmax(score_s))
