@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 __all__ = ["Instance", "find_instances"]
 
@@ -301,7 +302,7 @@ def _instance_from_head(seed_mask, fg_uv, fg_w, head_flags, other_head, px_mm, m
     ends_at_head = np.zeros(A, bool)
     if other.any():
         end_pts = (start + run)[:, None] * dirs                          # relative to the head centre
-        d_other = np.min(np.linalg.norm(end_pts[:, None, :] - rel_n[other][None, :, :], axis=2), axis=1)
+        d_other = cKDTree(rel_n[other]).query(end_pts)[0]
         ends_at_head = (d_other < gap + 0.5 * r_head) & (run > 0)
     # Prefer directions that leave the head through shaft (not head) pixels.
     shaft_counts = strip_counts(hist_shaft).sum(1)
