@@ -212,7 +212,8 @@ def _timing(model, image, repeats: int = 7) -> dict:
 
     x = np.asarray(image)
     before = torch.get_num_threads()
-    timing = {"note": "2 CPU cores shared with other jobs (load ~3-5) when measured"}
+    timing = {"note": "2 CPU cores; load_average_1min: the machine's load when the timing started (1 or less: idle)",
+              "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for label, hint in (("hint", "bright"), ("auto_polarity", None)):
