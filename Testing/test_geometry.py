@@ -99,3 +99,12 @@ def test_parallel_planes_are_refused():
     l = g.line_through_points_2d([10, 10], [100, 200])
     with pytest.raises(ValueError, match="parallel"):
         g.triangulate_line([v.P, v.P], [l, l])
+
+
+def test_point_segment_distance_in_2d_and_3d():
+    d = g.point_segment_distance([[0, 1], [-3, 4], [12, 0], [5, 0]], [0, 0], [10, 0])
+    np.testing.assert_allclose(d, [1.0, 5.0, 2.0, 0.0])
+    d3 = g.point_segment_distance([[1, 2, 5]], [0, 0, 0], [0, 0, 10])
+    np.testing.assert_allclose(d3, [np.sqrt(5.0)])
+    # A segment of zero length is a point.
+    np.testing.assert_allclose(g.point_segment_distance([[3, 4]], [0, 0], [0, 0]), [5.0])

@@ -93,13 +93,19 @@ def test_refinement_recovers_perturbed_screws(scene):
     assert after < before
 
 
-def test_initial_pose_from_instances_is_close(scene):
-    views, screws, labels = scene
+def instances_and_matches(views, labels):
+    """Per-view instances of the true label maps, and their cross-view matches."""
     probs = [one_hot(l) for l in labels]
     c = correspondence.scene_centre(views)
     per_view = [instances.find_instances(p, i, mm_per_px=correspondence.mm_per_px_at(v, c))
                 for i, (p, v) in enumerate(zip(probs, views))]
     matches, _ = correspondence.match_instances(views, per_view, probs)
+    return per_view, matches
+
+
+def test_initial_pose_from_instances_is_close(scene):
+    views, screws, labels = scene
+    per_view, matches = instances_and_matches(views, labels)
     est = pose.initial_poses(views, per_view, matches, implants=[{"diameter_mm": 6.5, "length_mm": 45.0}])
     assert len(est) == len(screws)
     for s in screws:
@@ -108,18 +114,13 @@ def test_initial_pose_from_instances_is_close(scene):
         assert angle_deg(best.axis, s.axis) < 10.0
 
 
-
 def test_initial_pose_puts_the_head_at_the_back(scene):
     """Instances whose head end was read at the tip (a head blob at the wrong end) would give
     a screw pointing out of the patient's back: the initial pose turns it round."""
     import dataclasses
 
     views, screws, labels = scene
-    probs = [one_hot(l) for l in labels]
-    c = correspondence.scene_centre(views)
-    per_view = [instances.find_instances(p, i, mm_per_px=correspondence.mm_per_px_at(v, c))
-                for i, (p, v) in enumerate(zip(probs, views))]
-    matches, _ = correspondence.match_instances(views, per_view, probs)
+    per_view, matches = instances_and_matches(views, labels)
     swapped = [[dataclasses.replace(inst, head_px=np.asarray(inst.tip_px, float), tip_px=inst.head_end_px)
                 for inst in insts] for insts in per_view]
     assert pose.posterior_pointing([0.0, -1.0, 0.2]) and not pose.posterior_pointing([0.3, 0.9, 0.1])
@@ -131,6 +132,7 @@ def test_initial_pose_puts_the_head_at_the_back(scene):
             best = min(est, key=lambda e: np.linalg.norm(e.entry_mm - s.entry_mm))
             assert np.linalg.norm(best.entry_mm - s.entry_mm) < 8.0
             assert angle_deg(best.axis, s.axis) < 10.0
+
 
 def test_confidence_is_low_for_a_screw_on_background(scene):
     views, screws, labels = scene

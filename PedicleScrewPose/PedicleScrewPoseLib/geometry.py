@@ -203,6 +203,15 @@ def point_line_distance_2d(line, uv) -> np.ndarray:
     return uv @ line[:2] + line[2]
 
 
+def point_segment_distance(points, a, b) -> np.ndarray:
+    """Distances of points (N,D) from the segment a-b (any dimension, same units as the inputs)."""
+    pts = np.atleast_2d(np.asarray(points, float))
+    a = np.asarray(a, float)
+    seg = np.asarray(b, float) - a
+    t = np.clip((pts - a) @ seg / max(float(seg @ seg), 1e-9), 0.0, 1.0)
+    return np.linalg.norm(pts - a - t[:, None] * seg, axis=1)
+
+
 def triangulate_points(Ps, uvs, weights=None) -> np.ndarray:
     """Linear (DLT) triangulation of one world point from N >= 2 views.
 

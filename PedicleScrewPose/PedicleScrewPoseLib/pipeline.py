@@ -193,15 +193,8 @@ def _same_screw(a, b) -> bool:
         return True
     reach = 0.5 * (float(a.diameter_mm) + float(b.diameter_mm))
     short, long_ = (a, b) if a.length_mm <= b.length_mm else (b, a)
-    p0, p1 = np.asarray(long_.entry_mm, float), np.asarray(long_.tip_mm, float)
-    seg = p1 - p0
-    n2 = max(float(seg @ seg), 1e-9)
-
-    def dist(x):
-        t = np.clip((np.asarray(x, float) - p0) @ seg / n2, 0.0, 1.0)
-        return float(np.linalg.norm(x - p0 - t * seg))
-
-    return dist(short.entry_mm) < reach and dist(short.tip_mm) < reach
+    d = geometry.point_segment_distance([short.entry_mm, short.tip_mm], long_.entry_mm, long_.tip_mm)
+    return bool(np.all(d < reach))
 
 
 def result_from_estimates(views, estimates, per_view=None, unmatched=()) -> dict:
@@ -243,16 +236,9 @@ def result_from_estimates(views, estimates, per_view=None, unmatched=()) -> dict
 def _explained(view, inst, estimates) -> bool:
     for e in estimates:
         ends = geometry.project(view.P, np.array([e.entry_mm - e.axis * e.head_height_mm, e.tip_mm]))
-        p, q = ends
-        seg = q - p
-        n2 = max(float(seg @ seg), 1e-9)
         tol = max(inst.head_radius_px, inst.width_px, 4.0)
-        ok = True
-        for pt in (inst.head_end_px, np.asarray(inst.tip_px, float)):
-            t = np.clip((pt - p) @ seg / n2, 0, 1)
-            if np.linalg.norm(pt - p - t * seg) > tol:
-                ok = False
-        if ok:
+        d = geometry.point_segment_distance([inst.head_end_px, np.asarray(inst.tip_px, float)], *ends)
+        if np.all(d <= tol):
             return True
     return False
 
