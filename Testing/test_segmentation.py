@@ -188,6 +188,27 @@ def test_field_mask_finds_image_intensifier_circle():
     assert segmentation.field_mask(rng.random((100, 100)).astype(np.float32)).all()
 
 
+def test_preprocess_reuses_a_known_field_for_either_polarity():
+    # Automatic polarity preprocesses each image twice; the field does not depend on the
+    # polarity, so it is found once and handed to the second call.
+    rng = np.random.default_rng(1)
+    img = rng.normal(0.5, 0.05, (120, 120)).astype(np.float32)
+    vv, uu = np.mgrid[:120, :120]
+    img[(vv - 60) ** 2 + (uu - 60) ** 2 >= 55 ** 2] = 0.0
+    img[50:70, 40:80] = 2.0  # a bright "screw" inside the field
+    for metal in ("bright", "dark"):
+        x0, info0 = segmentation.preprocess(img, metal=metal, return_info=True)
+        x1, info1 = segmentation.preprocess(img, metal=metal, return_info=True, field=info0["field"])
+        np.testing.assert_array_equal(x0, x1)
+        np.testing.assert_array_equal(info0["field"], info1["field"])
+    # the dark-metal input is the bright one turned over, windowed on the same field
+    xb = segmentation.preprocess(img, metal="bright")
+    xd = segmentation.preprocess(img, metal="dark")
+    assert xb[60, 60] > xb[60, 20] + 0.4 and xd[60, 60] < xd[60, 20] - 0.4
+    with pytest.raises(ValueError, match="field of shape"):
+        segmentation.preprocess(img, field=np.ones((10, 10), bool))
+
+
 def test_segment_cli_writes_labels_and_overlays(tmp_path, simulated):
     from PedicleScrewPoseLib import cli, io
 

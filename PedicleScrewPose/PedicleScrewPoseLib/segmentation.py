@@ -237,8 +237,10 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int = 4, m
         arr = _as_image(img, i)
         polarities = ["bright", "dark"] if hint is None else [hint]
         scale = work_scale(arr.shape, s_mm, target)
+        field = None
         for pol in polarities:
-            x, info = preprocess(arr, metal=pol, return_info=True)
+            x, info = preprocess(arr, metal=pol, return_info=True, field=field)
+            field = info["field"]
             if info["constant"]:
                 break
             work.append((i, pol, _to_work_size(x, scale), arr.shape))
@@ -249,12 +251,15 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int = 4, m
             results[i] = p
 
     probs_by_item = _run_network(model, [w[2] for w in work], device, batch_size)
+    work_shape = {i: shape for i, _pol, _x, shape in work}
     best: dict[int, tuple[float, np.ndarray, str]] = {}
     for (i, pol, _x, shape), p in zip(work, probs_by_item):
-        p = _resize_probs(p, shape)
+        # Evidence at the working size (the same for both polarities); only the kept answer
+        # is brought back to full size.
         score = _screw_evidence(p)
         if i not in best or score > best[i][0]:
             best[i] = (score, p, pol)
+    best = {i: (score, _resize_probs(p, work_shape[i]), pol) for i, (score, p, pol) in best.items()}
     if mirror and best:
         # A screw looks the same in a mirror; the network's errors mostly do not, so the
         # average of both answers is steadier (test-time augmentation with a training flip).
@@ -398,7 +403,7 @@ def labels_from_probabilities(probs) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- preprocessing
-def preprocess(image, metal=None, return_info: bool = False):
+def preprocess(image, metal=None, return_info: bool = False, field=None):
     """Map any X-ray to the network's input: float32 ``[v, u]``, larger = more attenuation.
 
     1. ``metal == "dark"`` (metal shown dark, e.g. raw detector intensity or an
@@ -410,6 +415,8 @@ def preprocess(image, metal=None, return_info: bool = False):
        Pixels outside the field are windowed alike (not blanked).
     Non-finite pixels are set to the field's median.  ``return_info=True`` also
     returns a dict (``field``: bool mask, ``constant``: True if the field has no contrast).
+    ``field``: the image's :func:`field_mask` when already known (it does not depend on
+    ``metal``), to save finding it again.
     """
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim != 2:
@@ -421,7 +428,11 @@ def preprocess(image, metal=None, return_info: bool = False):
         arr = np.where(finite, arr, np.median(arr[finite])).astype(np.float32)
     if metal not in (None, "bright", "dark"):
         raise ValueError(f"metal: {metal!r} is not 'bright', 'dark' or None")
-    field = field_mask(arr) & finite   # on the image as stored: its unexposed surround is black
+    if field is None:
+        field = field_mask(arr)  # on the image as stored: its unexposed surround is black
+    elif np.shape(field) != arr.shape:
+        raise ValueError(f"preprocess: field of shape {np.shape(field)} for an image of shape {arr.shape}")
+    field = np.asarray(field, bool) & finite
     if metal == "dark":
         arr = -arr
     vals = arr[field] if field.sum() >= 16 else arr[finite]
