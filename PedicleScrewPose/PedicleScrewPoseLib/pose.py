@@ -510,6 +510,8 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
             loss = loss + err.sum() / pv["norm"]
         if not torch.is_tensor(loss):
             break
+        if free_head and HEAD_PRIOR_WEIGHT > 0:
+            loss = loss + HEAD_PRIOR_WEIGHT * (d_loghead ** 2).sum()
         loss.backward()
         opt.step()
 
@@ -541,6 +543,11 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
 #: heads are smaller.
 HEAD_DIAMETER_RANGE_MM = (7.0, 16.0)
 HEAD_HEIGHT_RANGE_MM = (5.0, 18.0)
+#: Weight of the pull of head and tip sizes towards the model's own (squared log ratios):
+#: noisy network maps otherwise let them absorb segmentation errors.  10 cases each of our
+#: design and of another (network, AP + lateral): segment error median 1.53 / 2.71 mm with
+#: 0.05, 1.89 / 2.83 mm with none, 1.42 / 3.89 mm with the head and tip fixed.
+HEAD_PRIOR_WEIGHT = 0.05
 
 
 def _targets(probabilities, device):
