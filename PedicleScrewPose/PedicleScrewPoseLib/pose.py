@@ -660,8 +660,9 @@ def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
                  stages_free=None, stages_fixed=STAGES_FIXED, alternatives=ALTERNATIVES) -> list[ScrewEstimate]:
     """Fit all screws jointly to the (head, shaft) probabilities of all views.
 
-    Coarse stages on every 2nd pixel with length (and, without an implant log, diameter)
-    free; sizes then set from the implant log (Hungarian on length) or snapped to the
+    Coarse stages on every 2nd pixel with length, head size and tip length (and, without an
+    implant log, diameter) free, head and tip held near the model's proportions by
+    :data:`HEAD_PRIOR_WEIGHT`; sizes then set from the implant log (Hungarian on length) or snapped to the
     catalogue; a last stage at full resolution with 0.6 px edges and sizes fixed.
     Confidence per screw: the worst view's silhouette agreement (see :func:`_confidences`).
     """
