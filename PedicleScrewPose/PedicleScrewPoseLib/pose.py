@@ -450,11 +450,9 @@ def _tangent_basis(axis):
 
 def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, margin_px,
               free_length, free_diameter, device, lr_mm=0.4, lr_rad=0.01,
-              length_range=(20.0, 70.0), diameter_range=(3.5, 9.0), free_head=None):
+              length_range=(20.0, 70.0), diameter_range=(3.5, 9.0)):
     """Adam on (entry shift, axis tilt, log length, log diameter, log head diameter, head
-    height and tip length) of all screws jointly; head and tip are free with the length unless
-    ``free_head`` says."""
-    free_head = free_length if free_head is None else free_head
+    height and tip length) of all screws jointly; head and tip are free with the length."""
     K = len(estimates)
     prob = _Problem(views, rays, targets, estimates, stride, margin_px, device)
     f32 = dict(dtype=torch.float32, device=device)
@@ -482,7 +480,7 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
         groups.append((d_logL, 0.01))
     if free_diameter:
         groups.append((d_logd, 0.01))
-    if free_head:
+    if free_length:
         groups.append((d_loghead, 0.01))
     opt = _Adam(groups, iterations, floor=0.05)
 
@@ -496,7 +494,7 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
         d = (d0 * torch.exp(d_logd)).clamp(*diameter_range)
         hd = (head_d * torch.exp(d_loghead[:, 0])).clamp(*HEAD_DIAMETER_RANGE_MM)
         hh = (head_h * torch.exp(d_loghead[:, 1])).clamp(*HEAD_HEIGHT_RANGE_MM)
-        tl = (tip_ratio * d * torch.exp(d_loghead[:, 2])).clamp(min=1.5)
+        tl = torch.minimum((tip_ratio * d * torch.exp(d_loghead[:, 2])).clamp(min=1.5), 0.5 * L)
         return entry, axis, L, d, hd, hh, tl
 
     for _ in range(iterations):
@@ -506,12 +504,12 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
         for pv in prob.per_view:
             if pv is None:
                 continue
-            H, S, _, _ = _composite(pv, entry, axis, L, d, hd, hh, torch.minimum(tl, 0.5 * L), sigma_px)
+            H, S, _, _ = _composite(pv, entry, axis, L, d, hd, hh, tl, sigma_px)
             err = (H - pv["target"][0]) ** 2 + (S - pv["target"][1]) ** 2
             loss = loss + err.sum() / pv["norm"]
         if not torch.is_tensor(loss):
             break
-        if free_head and HEAD_PRIOR_WEIGHT > 0:
+        if free_length and HEAD_PRIOR_WEIGHT > 0:
             loss = loss + HEAD_PRIOR_WEIGHT * (d_loghead ** 2).sum()
         loss.backward()
         opt.step()
@@ -531,7 +529,7 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
                     tip_mm=e + a * LL,
                     length_mm=LL,
                     diameter_mm=dd,
-                    tip_length_mm=float(min(tl[k], 0.5 * LL)),
+                    tip_length_mm=float(tl[k]),
                     head_diameter_mm=float(hd[k]),
                     head_height_mm=float(hh[k]),
                 )

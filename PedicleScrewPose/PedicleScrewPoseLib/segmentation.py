@@ -251,15 +251,14 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int = 4, m
             results[i] = p
 
     probs_by_item = _run_network(model, [w[2] for w in work], device, batch_size)
-    work_shape = {i: shape for i, _pol, _x, shape in work}
     best: dict[int, tuple[float, np.ndarray, str]] = {}
     for (i, pol, _x, shape), p in zip(work, probs_by_item):
         # Evidence at the working size (the same for both polarities); only the kept answer
         # is brought back to full size.
         score = _screw_evidence(p)
         if i not in best or score > best[i][0]:
-            best[i] = (score, p, pol)
-    best = {i: (score, _resize_probs(p, work_shape[i]), pol) for i, (score, p, pol) in best.items()}
+            best[i] = (score, p, pol, shape)
+    best = {i: (score, _resize_probs(p, shape), pol) for i, (score, p, pol, shape) in best.items()}
     if mirror and best:
         # A screw looks the same in a mirror; the network's errors mostly do not, so the
         # average of both answers is steadier (test-time augmentation with a training flip).
