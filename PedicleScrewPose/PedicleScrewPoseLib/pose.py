@@ -549,12 +549,21 @@ HEAD_HEIGHT_RANGE_MM = (5.0, 18.0)
 HEAD_PRIOR_WEIGHT = 0.05
 
 
+#: The silhouettes are fitted to the (head, shaft) probabilities raised to this power.  Faint
+#: screws (a lateral view over dense bone) get probabilities of 0.1-0.5 along their whole
+#: length; fitted to them as they are, a shorter screw that skips the faint part costs less
+#: than the true one, and the log then hands it a short size.  The square root weighs weak
+#: evidence nearer to strong.  30 pose-bench cases (network, AP + lateral): recall 0.704 ->
+#: 0.758, precision 0.863 -> 0.869, segment error median 1.27 -> 1.25 mm (0.3: 0.755 / 0.837).
+#: One-hot (true) label maps are unchanged by it.
+TARGET_POWER = 0.5
+
+
 def _targets(probabilities, device):
     out = []
     for p in probabilities:
-        p = np.asarray(p, np.float32)
-        t = torch.as_tensor(p[1:3].reshape(2, -1), device=device)
-        out.append(t)
+        p = np.clip(np.asarray(p, np.float32)[1:3], 0.0, 1.0) ** TARGET_POWER
+        out.append(torch.as_tensor(p.reshape(2, -1), device=device))
     return out
 
 
