@@ -195,3 +195,28 @@ def test_a_faint_screw_in_one_view_keeps_its_length():
     assert abs(e.length_mm - 45.0) <= 5.0, e.length_mm
     assert np.linalg.norm(e.tip_mm - s.tip_mm) < 5.0
     assert np.linalg.norm(e.entry_mm - s.entry_mm) < 3.0
+
+
+def test_fine_pixels_are_fitted_at_the_working_pixel_size():
+    # The same field on four times the pixels (0.15 mm at the detector): the refinement samples
+    # it at about pose.WORK_MM_PER_PX, so it costs what a coarser image costs, and still finds
+    # the screws.
+    views = small_views(size=512, pixel_mm=0.15)
+    screws = bilateral_screws(levels=1, seed=4)
+    labels = [xray.label_map(screws, v) for v in views]
+    start = [estimate_of(s, s.entry_mm + np.array([1.0, -1.0, 0.5]), s.tip_mm + np.array([-1.5, 1.0, 1.0]))
+             for s in screws]
+    scales = [pose._pixel_scale(v, start) for v in views]
+    assert all(k >= 2 for k in scales), scales
+    assert pose._pixel_scale(small_views(size=256, pixel_mm=0.6)[0], start) == 1
+    rays = [pose._ViewRays(v, "cpu") for v in views]
+    targets = pose._targets([one_hot(l) for l in labels], "cpu")
+    sampled = pose._Problem(views, rays, targets, start, 1, 4, "cpu")
+    n_sampled = sum(pv["union"].size for pv in sampled.per_view)
+    n_band = sum(((l > 0).sum()) for l in labels)
+    assert n_sampled < n_band, (n_sampled, n_band)  # fewer pixels than the screws cover
+    out = pose.refine_poses(views, [one_hot(l) for l in labels], start,
+                            implants=[{"diameter_mm": 6.5, "length_mm": 45.0}] * len(screws))
+    for s, e in zip(screws, out):
+        assert np.linalg.norm(e.entry_mm - s.entry_mm) < 1.0
+        assert angle_deg(e.axis, s.axis) < 1.5
