@@ -688,7 +688,8 @@ STAGES_FIXED = ((1, 0.6, 15, 4, 0.1, 0.004),)
 
 def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
                  stages_free=None, stages_fixed=STAGES_FIXED, alternatives=ALTERNATIVES) -> list[ScrewEstimate]:
-    """Fit all screws jointly to the (head, shaft) probabilities of all views.
+    """Fit all screws jointly to the (head, shaft) probabilities of all views (their square
+    roots, :data:`TARGET_POWER`; fine pixels sampled at :data:`WORK_MM_PER_PX`).
 
     Coarse stages on every 2nd pixel with length, head size and tip length (and, without an
     implant log, diameter) free, head and tip held near the model's proportions by
