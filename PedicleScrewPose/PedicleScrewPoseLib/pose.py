@@ -90,7 +90,7 @@ class ScrewEstimate:
         d = np.asarray(self.tip_mm, float) - np.asarray(self.entry_mm, float)
         return d / max(np.linalg.norm(d), 1e-9)
 
-    def with_size(self, diameter_mm: float, length_mm: float, keep_entry=True) -> "ScrewEstimate":
+    def with_size(self, diameter_mm: float, length_mm: float) -> "ScrewEstimate":
         """This screw with another shaft size (the entry and axis stay).  The head keeps the
         size it has and the tip its length per diameter: both are measured from the images
         (:func:`refine_poses`), since screw systems differ in their heads and tips far more
@@ -350,9 +350,12 @@ def _band_distance(view, est, uu, vv):
 WORK_MM_PER_PX = 0.3
 
 
-def _pixel_scale(view, estimates) -> int:
-    """How many pixels of ``view`` make one of the refinement's working pixels (>= 1)."""
-    mm = float(np.median([_mm_per_px(view, e.entry_mm) for e in estimates]))
+def _pixel_scale(view, estimates, mm_px=None) -> int:
+    """How many pixels of ``view`` make one of the refinement's working pixels (>= 1).
+    ``mm_px``: the pixel size at each screw when already known."""
+    if mm_px is None:
+        mm_px = [_mm_per_px(view, e.entry_mm) for e in estimates]
+    mm = float(np.median(mm_px))
     return max(1, int(round(WORK_MM_PER_PX / max(mm, 1e-6))))
 
 
@@ -365,7 +368,8 @@ class _Problem:
         for vi, view in enumerate(views):
             flat_sets, screw_of, pix_of = [], [], []
             W = view.width
-            scale = _pixel_scale(view, estimates) if estimates else 1
+            mm_px = [_mm_per_px(view, est.entry_mm) for est in estimates]
+            scale = _pixel_scale(view, estimates, mm_px) if estimates else 1
             stride, margin_px = base_stride * scale, base_margin * scale
             for k, est in enumerate(estimates):
                 box = _screw_box(view, est, margin_px)
@@ -403,9 +407,7 @@ class _Problem:
                     "norm": float(tgt.sum().item()) + 10.0,
                     "source": rays[vi].source,
                     # Edge widths are given in working pixels (see WORK_MM_PER_PX).
-                    "mm_px": scale * torch.as_tensor(
-                        [_mm_per_px(view, est.entry_mm) for est in estimates], dtype=torch.float32, device=device
-                    ),
+                    "mm_px": scale * torch.as_tensor(mm_px, dtype=torch.float32, device=device),
                 }
             )
 
@@ -499,11 +501,9 @@ def _optimise(views, rays, targets, estimates, *, stride, sigma_px, iterations, 
     d_loghead = torch.zeros(K, 3, requires_grad=True, **f32)
     groups = [(d_entry, lr_mm), (d_ang, lr_rad)]
     if free_length:
-        groups.append((d_logL, 0.01))
+        groups += [(d_logL, 0.01), (d_loghead, 0.01)]
     if free_diameter:
         groups.append((d_logd, 0.01))
-    if free_length:
-        groups.append((d_loghead, 0.01))
     opt = _Adam(groups, iterations, floor=0.05)
 
     def params():
