@@ -9,7 +9,9 @@
   (default ``bench/.cache/pose``, not committed); generation and evaluation are resumable:
   a rerun skips what is done, so ``--max-minutes`` can split the work over several calls.
 * Each case runs with true label maps (one-hot: geometry error alone) and with the shipped
-  network (``--modes``), each on AP + lateral and on AP + lateral + oblique.
+  network (``--modes``), each on AP + lateral and on AP + lateral + oblique.  ``--weights``
+  runs other segmentation weights instead (a candidate model); the network results cached for
+  other weights (told apart by their SHA-256) are rerun, the true-label results are kept.
 * Metrics (evaluation.py): recall, precision, angle / entry / tip / segment errors with
   median, mean, p95 and max.
 * Run time per stage of ``pipeline.run_case`` for an 8-screw, 2-view 512x512 case
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--weights", default=None,
+                    help="segmentation weights for the network mode (default: the shipped model)")
     args = ap.parse_args(argv)
 
     import torch
@@ -74,6 +78,10 @@ def main(argv=None) -> int:
     cases_dir.mkdir(parents=True, exist_ok=True)
     evals_dir.mkdir(parents=True, exist_ok=True)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    from PedicleScrewPoseLib import segmentation
+
+    weights = Path(args.weights) if args.weights else Path(segmentation.WEIGHTS_PATH)
+    weights_sha = segmentation.sha256_of(weights) if "network" in modes else None
 
     # 1. The test set.
     names = [f"case{i:03d}" for i in range(args.n_cases)]
@@ -103,6 +111,9 @@ def main(argv=None) -> int:
     for n in tqdm(names, desc="running the pipeline"):
         out = evals_dir / f"{n}.json"
         done = json.loads(out.read_text()) if out.exists() else {}
+        if weights_sha and done.get("network_weights_sha256") not in (None, weights_sha):
+            # evaluated with other weights: the network results are stale, the truth ones are not
+            done = {key: v for key, v in done.items() if not key.startswith("network/")}
         if all(f"{m}/{k}" in done for m in modes for k in ("2views", "3views")):
             continue
         if t_stop and time.time() > t_stop:
@@ -117,9 +128,8 @@ def main(argv=None) -> int:
                 probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
                 seg_s = 0.0
             elif mode == "network":
-                from PedicleScrewPoseLib import segmentation
-
-                model = model or segmentation.load_model(device=args.device)
+                model = model or segmentation.load_model(weights, device=args.device)
+                done["network_weights_sha256"] = weights_sha
                 t = time.perf_counter()
                 probs = segmentation.segment_views(case.views, case.images, model=model, device=args.device)
                 seg_s = time.perf_counter() - t
@@ -141,6 +151,7 @@ def main(argv=None) -> int:
         "command": "python bench/bench_pose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},
+        "weights": None if weights_sha is None else {"file": weights.name, "sha256": weights_sha},
         "test_set": {"n_cases": len(names), "seed_base": seed_base, "views": list(VIEW_NAMES),
                      "screw_design": args.screw_design,
                      "image_size": args.image_size, "simulator": "simulate.simulate_case(realistic=True)",
@@ -151,6 +162,10 @@ def main(argv=None) -> int:
     }
     all_evals = {n: json.loads((evals_dir / f"{n}.json").read_text()) for n in names
                  if (evals_dir / f"{n}.json").exists()}
+    for e in all_evals.values():  # never summarise another model's network results
+        if weights_sha and e.get("network_weights_sha256") != weights_sha:
+            for key in [key for key in e if key.startswith("network/")]:
+                del e[key]
     for mode in modes:
         for k in ("2views", "3views"):
             evs = [e[f"{mode}/{k}"] for e in all_evals.values() if f"{mode}/{k}" in e]
