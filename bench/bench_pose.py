@@ -111,9 +111,7 @@ def main(argv=None) -> int:
     for n in tqdm(names, desc="running the pipeline"):
         out = evals_dir / f"{n}.json"
         done = json.loads(out.read_text()) if out.exists() else {}
-        if weights_sha and done.get("network_weights_sha256") not in (None, weights_sha):
-            # evaluated with other weights: the network results are stale, the truth ones are not
-            done = {key: v for key, v in done.items() if not key.startswith("network/")}
+        _drop_other_weights(done, weights_sha)
         if all(f"{m}/{k}" in done for m in modes for k in ("2views", "3views")):
             continue
         if t_stop and time.time() > t_stop:
@@ -163,9 +161,7 @@ def main(argv=None) -> int:
     all_evals = {n: json.loads((evals_dir / f"{n}.json").read_text()) for n in names
                  if (evals_dir / f"{n}.json").exists()}
     for e in all_evals.values():  # never summarise another model's network results
-        if weights_sha and e.get("network_weights_sha256") != weights_sha:
-            for key in [key for key in e if key.startswith("network/")]:
-                del e[key]
+        _drop_other_weights(e, weights_sha)
     for mode in modes:
         for k in ("2views", "3views"):
             evs = [e[f"{mode}/{k}"] for e in all_evals.values() if f"{mode}/{k}" in e]
@@ -187,12 +183,20 @@ def main(argv=None) -> int:
 
     # 4. Run time of the whole run for an 8-screw 2-view case.
     if not args.skip_timing:
-        report["timing"] = _timing(cases_dir, names, args.device)
+        report["timing"] = _timing(cases_dir, names, args.device, weights)
         if args.device == "cpu" and torch.cuda.is_available():
-            report["timing_cuda"] = _timing(cases_dir, names, "cuda")
+            report["timing_cuda"] = _timing(cases_dir, names, "cuda", weights)
     io.write_json_atomic(args.out, report)
     print(f"-> {args.out}")
     return 0
+
+
+def _drop_other_weights(evals: dict, weights_sha) -> None:
+    """Remove a case's network results unless they were made with the weights ``weights_sha``
+    (results that name no weights count as another model's); the true-label ones stay."""
+    if weights_sha and evals.get("network_weights_sha256") != weights_sha:
+        for key in [key for key in evals if key.startswith("network/")]:
+            del evals[key]
 
 
 @contextlib.contextmanager
@@ -219,7 +223,7 @@ def _screw_design(name):
         screw.ScrewSpec.from_size = original
 
 
-def _timing(cases_dir, names, device):
+def _timing(cases_dir, names, device, weights=None):
     """Median over 3 runs of pipeline.run_case (network included) on the first 8-screw case."""
     from PedicleScrewPoseLib import io, pipeline, segmentation
 
@@ -231,7 +235,7 @@ def _timing(cases_dir, names, device):
     pick = pick or names[0]
     case = io.read_case(cases_dir / pick)
     case = dataclasses.replace(case, views=case.views[:2], images=case.images[:2])
-    model = segmentation.load_model(device=device)
+    model = segmentation.load_model(weights, device=device)
     pipeline.run_case(case, model=model, device=device, assess=False)  # warm-up
     runs = []
     for _ in range(3):
