@@ -17,12 +17,12 @@ def one_hot(lab):
     return np.stack([(lab == k) for k in range(3)]).astype(np.float32)
 
 
-def run(views, screws):
+def run(views, screws, axis_prior=None):
     probs = [one_hot(xray.label_map(screws, v)) for v in views]
     c = correspondence.scene_centre(views)
     per_view = [instances.find_instances(p, i, mm_per_px=correspondence.mm_per_px_at(v, c))
                 for i, (p, v) in enumerate(zip(probs, views))]
-    matches, unmatched = correspondence.match_instances(views, per_view, probs)
+    matches, unmatched = correspondence.match_instances(views, per_view, probs, axis_prior=axis_prior)
     return per_view, matches, unmatched
 
 
@@ -101,3 +101,23 @@ def test_three_views_match_all_and_use_every_view():
     per_view, matches, unmatched = run(views, screws)
     assert_each_screw_found_once(matches, screws)
     assert all(len(m.members) == 3 for m in matches)
+
+
+def test_axis_prior_refuses_pairings_no_pedicle_screw_can_have():
+    """With the prior (anterior within 70 degrees, either way round), a screw-like object lying
+    left-right is not paired, while the pedicle screws beside it are; without it, it is."""
+    views = [geometry.ap_view(isocenter_mm=ISO, width=256, height=256, pixel_mm=1.2),
+             geometry.lateral_view(isocenter_mm=ISO, width=256, height=256, pixel_mm=1.2)]
+    screws = [make([-22, -40, 0], [np.sin(0.25), 1.0, 0.05], sid="L"),
+              make([22, -40, 0], [-np.sin(0.25), 1.0, 0.05], sid="R"),
+              make([-25, -20, 40], [1.0, 0.1, 0.05], L=40.0, sid="across")]
+    _pv, free, _un = run(views, screws)
+    assert_each_screw_found_once(free, screws)
+    per_view, matches, unmatched = run(views, screws, axis_prior=((0.0, 1.0, 0.0), 70.0))
+    assert_each_screw_found_once(matches, screws[:2])
+    across = geometry.project(views[0].P, head_centre(screws[2]))
+    assert any(u.view_index == 0 and np.linalg.norm(per_view[0][u.instance_index].head_end_px - across) < 5
+               for u in unmatched)
+    # Posterior-pointing axes (a head end read at the wrong end) still count as on the prior.
+    _pv, flipped, _un = run(views, screws[:2], axis_prior=((0.0, -1.0, 0.0), 70.0))
+    assert_each_screw_found_once(flipped, screws[:2])

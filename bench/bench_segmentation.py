@@ -16,6 +16,7 @@ Groups (Dice per image and class, then median / mean / 5th percentile):
   main        N images (default 200), random C-arm looks, both polarities, metal hint given
   bright/dark the main images split by polarity
   auto        the first 60 main images segmented without the metal hint (polarity decided automatically)
+  main60_without_local_pass  the first 60 main images without the local-window pass (``local=False``)
   noisy       40 images (--n-extra) at 40-120 photons per pixel (heavy quantum noise)
   lateral     40 lateral views with >= 4 screws (left and right screws overlap)
   empty       20 images without screws: screw pixels predicted (false positives)
@@ -127,11 +128,12 @@ def main(argv=None) -> int:
         print(json.dumps(result["timing_per_512x512"], indent=1))
         return 0
 
-    groups: dict[str, list] = {k: [] for k in ("main", "main_visible_truth", "bright", "dark", "auto", "noisy",
-                                               "lateral")}
+    groups: dict[str, list] = {k: [] for k in ("main", "main_visible_truth", "bright", "dark", "auto",
+                                               "main60_without_local_pass", "noisy", "lateral")}
     empty_fp = []
     rng = np.random.default_rng(seed)
     main_imgs = []
+    main_metal = []
     for i in tqdm(range(args.n_images), desc="main"):
         vis: list = []
         img, lab, metal, mm = render(rng, visible=vis)
@@ -143,9 +145,14 @@ def main(argv=None) -> int:
         groups[metal].append(d)
         if i < min(60, args.n_images):
             main_imgs.append((img, lab, mm))
+            main_metal.append(metal)
     for img, lab, mm in tqdm(main_imgs, desc="auto"):
         p = segmentation.segment([img], model=model, metal=None, mm_per_px=mm)[0]
         groups["auto"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
+    for (img, lab, mm), metal in tqdm(list(zip(main_imgs, main_metal)), desc="without the local pass"):
+        p = segmentation.segment([img], model=model, metal=metal, mm_per_px=mm, local=False)[0]
+        groups["main60_without_local_pass"].append(
+            training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
     for _ in tqdm(range(args.n_extra), desc="noisy"):
         params = xray.RenderParams.random(rng)
         params.photons_per_pixel = float(rng.uniform(40, 120))
@@ -216,12 +223,14 @@ def _timing(model, image, repeats: int = 7) -> dict:
               "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for label, hint in (("hint", "bright"), ("auto_polarity", None)):
-            segmentation.segment([x], model=model, metal=hint)
+        for label, hint, local in (("hint", "bright", True), ("auto_polarity", None, True),
+                                   ("hint_without_local_pass", "bright", False),
+                                   ("auto_polarity_without_local_pass", None, False)):
+            segmentation.segment([x], model=model, metal=hint, local=local)
             ts = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                segmentation.segment([x], model=model, metal=hint)
+                segmentation.segment([x], model=model, metal=hint, local=local)
                 ts.append(time.perf_counter() - t0)
             timing[f"cpu_{threads}thread_{label}_s"] = {"median": float(np.median(ts)), "min": float(np.min(ts))}
     torch.set_num_threads(before)

@@ -84,14 +84,17 @@ def mm_per_px_at(view, point_mm) -> float:
 
 
 def match_instances(views, instances, probabilities=None, gate_head_mm: float = 6.0,
-                    gate_tip_mm: float = 12.0, duplicate_mm: float = 5.0, fields=None):
+                    gate_tip_mm: float = 12.0, duplicate_mm: float = 5.0, fields=None, axis_prior=None):
     """Match instances across views.  Returns ``(matches, unmatched)``.
 
     ``instances[i]``: list of ``instances.Instance`` of view ``i``; ``probabilities[i]``
     (optional, [3,v,u]) lets every view veto a hypothesis whose projected axis runs over
     background there (a foreshortened screw paired the wrong way round points out of its own
     shaft); ``fields[i]`` (optional bool [v,u]: the exposed field) keeps the unexposed surround
-    from counting as background.
+    from counting as background.  ``axis_prior``: optional ``(direction, max_deg)`` (world):
+    hypotheses whose triangulated axis line is further than ``max_deg`` from ``direction``
+    (either way round, since a head end may have been read at the wrong end) are refused,
+    so that a pairing no screw can have does not use up the instances of the right one.
     """
     nv = len(views)
     if nv < 2:
@@ -100,7 +103,7 @@ def match_instances(views, instances, probabilities=None, gate_head_mm: float = 
     fg = None
     if probabilities is not None:
         fg = [1.0 - np.asarray(p[0], np.float32) for p in probabilities]
-    ctx = _Context(views, instances, fg, centre, gate_head_mm, gate_tip_mm, fields)
+    ctx = _Context(views, instances, fg, centre, gate_head_mm, gate_tip_mm, fields, axis_prior)
 
     hyps: list[Match] = []
     candidates_of: dict = {}
@@ -159,7 +162,12 @@ def match_instances(views, instances, probabilities=None, gate_head_mm: float = 
 
 
 class _Context:
-    def __init__(self, views, instances, fg, centre, gate_head_mm, gate_tip_mm, fields=None):
+    def __init__(self, views, instances, fg, centre, gate_head_mm, gate_tip_mm, fields=None, axis_prior=None):
+        self.axis_prior = None
+        if axis_prior is not None:
+            d, max_deg = axis_prior
+            d = np.asarray(d, float)
+            self.axis_prior = (d / np.linalg.norm(d), float(np.cos(np.radians(max_deg))))
         self.fields = None if fields is None else [None if f is None else np.asarray(f, bool) for f in fields]
         self.views = views
         self.instances = instances
@@ -203,6 +211,10 @@ class _Context:
         length = np.linalg.norm(T - H)
         if length > 85.0:  # longest catalogue screw (60 mm) plus half a head, with slack
             return None
+        if self.axis_prior is not None and length > 1e-6:
+            d, min_cos = self.axis_prior
+            if abs(float((T - H) @ d)) / length < min_cos:
+                return None  # no screw of this kind points that way
         if not self.supported(H, T):
             return None
         cost = 0.0

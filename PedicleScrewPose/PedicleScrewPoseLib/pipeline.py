@@ -41,7 +41,10 @@ DUPLICATE_MM = 3.0
 #: ~40°, cranio-caudal tilt up to ~25°; the benchmark's 314 screws: 36° at most), and 70° leaves
 #: room for a rotated, scoliotic vertebra.  Such fits are ghosts (an instance paired with the
 #: wrong one in the other view): on the 30 pose cases (network, AP + lateral), 23 of 53 false
-#: positives and none of 205 correct screws were over the limit.
+#: positives and none of 205 correct screws were over the limit.  The same limit already gates
+#: the pairings in correspondence (on the line of the triangulated axis, either way round): a
+#: ghost refused there no longer takes the instances that the right pairing needs.  30 pose
+#: cases (network, AP + lateral, same probabilities): recall 0.758 -> 0.764, precision 0.869 -> 0.882.
 MAX_FROM_ANTERIOR_DEG = 70.0
 
 
@@ -90,7 +93,8 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
     t = time.perf_counter()
     fields = [_field_of(img, p.shape[1:]) for img, p in zip(getattr(case, "images", None) or [None] * len(views),
                                                          probabilities)]
-    matches, unmatched = correspondence.match_instances(views, per_view, probabilities, fields=fields)
+    matches, unmatched = correspondence.match_instances(views, per_view, probabilities, fields=fields,
+                                                        axis_prior=(pose.ANTERIOR, MAX_FROM_ANTERIOR_DEG))
     timing["correspondence"] = time.perf_counter() - t
 
     # 4. Pose: triangulation, joint refinement, clean-up.
