@@ -133,7 +133,6 @@ def main(argv=None) -> int:
     empty_fp = []
     rng = np.random.default_rng(seed)
     main_imgs = []
-    main_metal = []
     for i in tqdm(range(args.n_images), desc="main"):
         vis: list = []
         img, lab, metal, mm = render(rng, visible=vis)
@@ -144,12 +143,11 @@ def main(argv=None) -> int:
         groups["main"].append(d)
         groups[metal].append(d)
         if i < min(60, args.n_images):
-            main_imgs.append((img, lab, mm))
-            main_metal.append(metal)
-    for img, lab, mm in tqdm(main_imgs, desc="auto"):
+            main_imgs.append((img, lab, mm, metal))
+    for img, lab, mm, _metal in tqdm(main_imgs, desc="auto"):
         p = segmentation.segment([img], model=model, metal=None, mm_per_px=mm)[0]
         groups["auto"].append(training.dice_per_class(segmentation.labels_from_probabilities(p), lab))
-    for (img, lab, mm), metal in tqdm(list(zip(main_imgs, main_metal)), desc="without the local pass"):
+    for img, lab, mm, metal in tqdm(main_imgs, desc="without the local pass"):
         p = segmentation.segment([img], model=model, metal=metal, mm_per_px=mm, local=False)[0]
         groups["main60_without_local_pass"].append(
             training.dice_per_class(segmentation.labels_from_probabilities(p), lab))

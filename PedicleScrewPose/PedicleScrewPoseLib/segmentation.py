@@ -247,10 +247,11 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         # ~0.65 s for three 432x432 inputs on 2 threads; batches pay off on a GPU.
         batch_size = 1 if str(device).startswith("cpu") else 8
 
-    # Work items: (image index, polarity, network input [h, w], original shape, field mask)
+    # Work items: (image index, polarity, network input [h, w], original shape); per image, the
+    # array, its work scale and its exposed field, for the further passes.
     work = []
     results: list[np.ndarray | None] = [None] * len(images)
-    fields: list[np.ndarray | None] = [None] * len(images)
+    per_image: list[tuple] = []
     for i, (img, hint, s_mm) in enumerate(zip(images, hints, spacings)):
         arr = _as_image(img, i)
         polarities = ["bright", "dark"] if hint is None else [hint]
@@ -258,10 +259,11 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         field = None
         for pol in polarities:
             x, info = preprocess(arr, metal=pol, return_info=True, field=field)
-            field = fields[i] = info["field"]
+            field = info["field"]
             if info["constant"]:
                 break
             work.append((i, pol, _to_work_size(x, scale), arr.shape))
+        per_image.append((arr, scale, field))
         if not work or work[-1][0] != i:
             # constant (or fieldless) image: nothing to see → all background
             p = np.zeros((3,) + arr.shape, np.float32)
@@ -279,19 +281,17 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
     best = {i: (score, _resize_probs(p, shape), pol) for i, (score, p, pol, shape) in best.items()}
     # Further passes in the kept polarity, averaged with the first: the mirrored image, and
     # the image in a local window (see LOCAL_WINDOW_MM).
-    keep = [(i, pol, x, shape) for (i, pol, x, shape) in work if best and pol == best[i][2]]
+    keep = [(i, pol, x, shape) for (i, pol, x, shape) in work if pol == best[i][2]]
     extra: list[tuple[int, np.ndarray, tuple, bool]] = []
     if mirror:
         # A screw looks the same in a mirror; the network's errors mostly do not, so the
         # average of both answers is steadier (test-time augmentation with a training flip).
         extra += [(i, np.ascontiguousarray(x[:, ::-1]), shape, True) for i, _pol, x, shape in keep]
     if LOCAL_PASS if local is None else local:
-        for i, pol, x, shape in keep:
-            arr = _as_image(images[i], i)
-            field = fields[i]
-            sigma_px = LOCAL_WINDOW_MM / (spacings[i] or DEFAULT_FIELD_MM / max(arr.shape))
-            xl = preprocess(local_contrast(arr, field, sigma_px), metal=pol, field=field)
-            xl = _to_work_size(xl, work_scale(arr.shape, spacings[i], target))
+        for i, pol, _x, shape in keep:
+            arr, scale, field = per_image[i]
+            sigma_px = LOCAL_WINDOW_MM / _pixel_mm(arr.shape, spacings[i])
+            xl = _to_work_size(preprocess(local_contrast(arr, field, sigma_px), metal=pol, field=field), scale)
             extra.append((i, xl, shape, False))
             if mirror:
                 extra.append((i, np.ascontiguousarray(xl[:, ::-1]), shape, True))
@@ -361,13 +361,16 @@ def _as_image(img, index=0) -> np.ndarray:
     return arr
 
 
+def _pixel_mm(shape, mm_per_px=None) -> float:
+    """The pixel size at the isocentre: ``mm_per_px``, else the image spanning ``DEFAULT_FIELD_MM``."""
+    return float(mm_per_px) if mm_per_px is not None else DEFAULT_FIELD_MM / max(shape)
+
+
 def work_scale(shape, mm_per_px=None, target_mm_per_px: float = TARGET_MM_PER_PX) -> float:
     """Factor (<= 1) by which an image of ``shape`` is resampled for the network: to
     ``target_mm_per_px`` at the isocentre, and to at most ``MAX_WORK_SIDE_PX`` on a side."""
     side = max(shape)
-    if mm_per_px is None:
-        mm_per_px = DEFAULT_FIELD_MM / side
-    f = min(1.0, float(mm_per_px) / float(target_mm_per_px), MAX_WORK_SIDE_PX / side)
+    f = min(1.0, _pixel_mm(shape, mm_per_px) / float(target_mm_per_px), MAX_WORK_SIDE_PX / side)
     # Not below 64 px on the short side: the network's 4 pooling levels need room.
     return max(f, min(1.0, 64.0 / min(shape)))
 
