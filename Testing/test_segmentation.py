@@ -106,7 +106,8 @@ def test_mirror_averaging_makes_the_answer_mirror_symmetric(model, simulated):
     _view, sv = simulated[1]
     img = sv.image
     flipped = np.ascontiguousarray(img[:, ::-1])
-    a, b = segmentation.segment([img, flipped], model=model, metal="dark")
+    # float32: exact arithmetic for an exact check (bfloat16 rounds the two passes differently).
+    a, b = segmentation.segment([img, flipped], model=model, metal="dark", precision="float32")
     np.testing.assert_allclose(b, a[:, :, ::-1], atol=2e-3)
     a1, b1 = segmentation.segment([img, flipped], model=model, metal="dark", mirror=False)
     assert np.abs(b1 - a1[:, :, ::-1]).max() > 0.05       # the network alone is not symmetric
@@ -275,3 +276,35 @@ def test_segment_cli_writes_labels_and_overlays(tmp_path, simulated):
         assert _dice(lab, sv.labels, 2) >= SHAFT_DICE_FLOOR
         assert (out / f"{stem}_overlay.png").stat().st_size > 0
     assert cli.main(["segment", str(case), "--out", str(case)]) == 1
+    # float32 forced from the command line gives (nearly) the same labels.
+    out32 = tmp_path / "seg32"
+    assert cli.main(["segment", str(case), "--out", str(out32), "--precision", "float32"]) == 0
+    for view in views:
+        stem = io.safe_view_filename(view.name)
+        a, b = (io.read_image(d / f"{stem}_labels.png") for d in (out, out32))
+        assert (a != b).mean() < 0.005
+    with pytest.raises(SystemExit):
+        cli.main(["segment", str(case), "--out", str(tmp_path / "x"), "--precision", "half"])
+
+
+def test_bfloat16_inference_agrees_with_float32(model, simulated):
+    """The faster bfloat16 arithmetic (the default on CPUs that have it) gives the float32
+    labels on all but a sliver of pixels, leaves the caller's model in float32, and a
+    precision that does not exist is refused."""
+    import torch
+
+    _view, sv = simulated[1]
+    p32 = segmentation.segment([sv.image], model=model, metal="dark", precision="float32")[0]
+    p16 = segmentation.segment([sv.image], model=model, metal="dark", precision="bfloat16")[0]
+    assert p16.dtype == np.float32
+    np.testing.assert_allclose(p16.sum(0), 1.0, atol=1e-4)
+    l32, l16 = (segmentation.labels_from_probabilities(p) for p in (p32, p16))
+    assert (l32 != l16).mean() < 0.005
+    assert _dice(l16 > 0, l32 > 0, True) > 0.95
+    assert next(model.parameters()).dtype == torch.float32
+    assert segmentation.network_dtype("cuda", "auto") == torch.float32
+    assert segmentation.network_dtype("cpu", "float32") == torch.float32
+    expected = torch.bfloat16 if segmentation.cpu_has_bfloat16() else torch.float32
+    assert segmentation.network_dtype("cpu", "auto") == expected
+    with pytest.raises(ValueError, match="precision"):
+        segmentation.segment([sv.image], model=model, precision="float16")

@@ -209,6 +209,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _cpu_name() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _timing(model, image, repeats: int = 7) -> dict:
     """Seconds per 512x512 image (whole ``segment`` call: preprocessing, network, resizing)."""
     import torch
@@ -217,18 +227,24 @@ def _timing(model, image, repeats: int = 7) -> dict:
 
     x = np.asarray(image)
     before = torch.get_num_threads()
-    timing = {"note": "2 CPU cores; load_average_1min: the machine's load when the timing started (1 or less: idle)",
+    timing = {"note": "2 CPU cores; load_average_1min: the machine's load when the timing started (1 or less: idle); "
+                      "precision: what segment's default precision='auto' runs the network in on this CPU "
+                      "(the *_float32 rows force float32)",
+              "precision": str(segmentation.network_dtype("cpu", segmentation.PRECISION)).replace("torch.", ""),
+              "cpu": _cpu_name(),
               "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for label, hint, local in (("hint", "bright", True), ("auto_polarity", None, True),
-                                   ("hint_without_local_pass", "bright", False),
-                                   ("auto_polarity_without_local_pass", None, False)):
-            segmentation.segment([x], model=model, metal=hint, local=local)
+        for label, hint, local, precision in (
+                ("hint", "bright", True, None), ("auto_polarity", None, True, None),
+                ("hint_without_local_pass", "bright", False, None),
+                ("auto_polarity_without_local_pass", None, False, None),
+                ("hint_float32", "bright", True, "float32"), ("auto_polarity_float32", None, True, "float32")):
+            segmentation.segment([x], model=model, metal=hint, local=local, precision=precision)
             ts = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                segmentation.segment([x], model=model, metal=hint, local=local)
+                segmentation.segment([x], model=model, metal=hint, local=local, precision=precision)
                 ts.append(time.perf_counter() - t0)
             timing[f"cpu_{threads}thread_{label}_s"] = {"median": float(np.median(ts)), "min": float(np.min(ts))}
     torch.set_num_threads(before)

@@ -49,7 +49,7 @@ MAX_FROM_ANTERIOR_DEG = 70.0
 
 
 def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, scene=False,
-             assess=True, progress=None) -> dict:
+             assess=True, progress=None, precision=None) -> dict:
     """Find every screw of ``case`` (an ``io.Case``) and return the result.json dict.
 
     ``probabilities``: per view ``float32 [3, v, u]`` (background, head, shaft) to use
@@ -57,7 +57,8 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
     segmentation from geometry errors).  ``model``: a loaded segmentation model (else the
     shipped one is loaded).  ``out_dir``: when given, the outputs are written there
     (see :func:`write_outputs`); nothing is written inside the case folder.
-    ``progress``: optional callable taking a stage name.
+    ``progress``: optional callable taking a stage name.  ``precision``: the network's
+    arithmetic (``segmentation.segment``; default auto).
     """
     t_start = time.perf_counter()
     timing = {}
@@ -74,7 +75,8 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
 
         if model is None:
             model = segmentation.load_model(device=device)
-        probabilities = segmentation.segment_views(views, case.images, model=model, device=device)
+        probabilities = segmentation.segment_views(views, case.images, model=model, device=device,
+                                                   precision=precision)
     probabilities = _check_probabilities(probabilities, views)
     timing["segmentation"] = time.perf_counter() - t
 
@@ -363,6 +365,9 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--truth-labels", action="store_true",
                         help="use the case's truth/<view>_labels.png instead of the network (geometry check)")
     parser.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
+    from .segmentation import add_precision_argument  # noqa: PLC0415  (numpy-only at import)
+
+    add_precision_argument(parser)
 
 
 def run_command(args) -> int:
@@ -403,7 +408,7 @@ def run_command(args) -> int:
         shutil.rmtree(tmp)
     try:
         result = run_case(case, out_dir=tmp, device=args.device, probabilities=probabilities, model=model,
-                          scene=args.scene)
+                          scene=args.scene, precision=getattr(args, "precision", None))
         _move_into(tmp, out)
     finally:
         if tmp.exists():
