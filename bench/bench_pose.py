@@ -82,6 +82,9 @@ def main(argv=None) -> int:
 
     weights = Path(args.weights) if args.weights else Path(segmentation.WEIGHTS_PATH)
     weights_sha = segmentation.sha256_of(weights) if "network" in modes else None
+    # The network's arithmetic on this machine (segment's default precision): results made in
+    # another one are rerun, like those of other weights.
+    precision = str(segmentation.network_dtype(args.device, segmentation.PRECISION)).replace("torch.", "")
 
     # 1. The test set.
     names = [f"case{i:03d}" for i in range(args.n_cases)]
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
     for n in tqdm(names, desc="running the pipeline"):
         out = evals_dir / f"{n}.json"
         done = json.loads(out.read_text()) if out.exists() else {}
-        _drop_other_weights(done, weights_sha)
+        _drop_other_weights(done, weights_sha, precision)
         if all(f"{m}/{k}" in done for m in modes for k in ("2views", "3views")):
             continue
         if t_stop and time.time() > t_stop:
@@ -128,6 +131,7 @@ def main(argv=None) -> int:
             elif mode == "network":
                 model = model or segmentation.load_model(weights, device=args.device)
                 done["network_weights_sha256"] = weights_sha
+                done["network_precision"] = precision
                 t = time.perf_counter()
                 probs = segmentation.segment_views(case.views, case.images, model=model, device=args.device)
                 seg_s = time.perf_counter() - t
@@ -149,7 +153,8 @@ def main(argv=None) -> int:
         "command": "python bench/bench_pose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},
-        "weights": None if weights_sha is None else {"file": weights.name, "sha256": weights_sha},
+        "weights": None if weights_sha is None else {"file": weights.name, "sha256": weights_sha,
+                                                     "precision": precision},
         "test_set": {"n_cases": len(names), "seed_base": seed_base, "views": list(VIEW_NAMES),
                      "screw_design": args.screw_design,
                      "image_size": args.image_size, "simulator": "simulate.simulate_case(realistic=True)",
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
     all_evals = {n: json.loads((evals_dir / f"{n}.json").read_text()) for n in names
                  if (evals_dir / f"{n}.json").exists()}
     for e in all_evals.values():  # never summarise another model's network results
-        _drop_other_weights(e, weights_sha)
+        _drop_other_weights(e, weights_sha, precision)
     for mode in modes:
         for k in ("2views", "3views"):
             evs = [e[f"{mode}/{k}"] for e in all_evals.values() if f"{mode}/{k}" in e]
@@ -191,10 +196,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _drop_other_weights(evals: dict, weights_sha) -> None:
+def _drop_other_weights(evals: dict, weights_sha, precision=None) -> None:
     """Remove a case's network results unless they were made with the weights ``weights_sha``
-    (results that name no weights count as another model's); the true-label ones stay."""
-    if weights_sha and evals.get("network_weights_sha256") != weights_sha:
+    in the arithmetic ``precision`` (results that name no weights or precision count as another
+    model's; float32 for results from before precision was recorded); the true-label ones stay."""
+    made_in = evals.get("network_precision", "float32")
+    if weights_sha and (evals.get("network_weights_sha256") != weights_sha
+                        or (precision is not None and made_in != precision)):
         for key in [key for key in evals if key.startswith("network/")]:
             del evals[key]
 
