@@ -220,3 +220,26 @@ def test_fine_pixels_are_fitted_at_the_working_pixel_size():
     for s, e in zip(screws, out):
         assert np.linalg.norm(e.entry_mm - s.entry_mm) < 1.0
         assert angle_deg(e.axis, s.axis) < 1.5
+
+
+def test_log_sizes_follow_length_when_measured_short_and_diameter_blurred():
+    """The implant log's sizes go by length first: on network maps the fit measures a screw a
+    few mm short (its tip fades over bone) and its diameter loosely (blurred edges).  Here the
+    40 mm screw is measured 37 mm long and 0.9 mm too thick, the 35 mm one 34 mm and 0.6 mm too
+    thin; each still gets its own logged size (a diameter trusted to 0.3 mm swapped them)."""
+    def measured(length_mm, diameter_mm, x):
+        entry = np.array([x, 0.0, 0.0])
+        return pose.ScrewEstimate(entry_mm=entry, tip_mm=entry + [0.0, length_mm, 0.0], diameter_mm=diameter_mm,
+                                  length_mm=length_mm, head_diameter_mm=11.0, head_height_mm=12.0,
+                                  tip_length_mm=4.0)
+
+    log = [{"diameter_mm": 7.5, "length_mm": 35.0}, {"diameter_mm": 6.5, "length_mm": 40.0}]
+    a, b = pose._assign_log_sizes([measured(37.0, 7.4, -20.0), measured(34.0, 6.9, 20.0)], log)
+    assert (a.diameter_mm, a.length_mm) == (6.5, 40.0) and (b.diameter_mm, b.length_mm) == (7.5, 35.0)
+    assert a.size_from_log and b.size_from_log
+    # The entry and axis stay; the tip moves to the logged length.
+    np.testing.assert_allclose(a.entry_mm, [-20.0, 0.0, 0.0])
+    np.testing.assert_allclose(np.linalg.norm(a.tip_mm - a.entry_mm), 40.0, atol=1e-6)
+    # A screw measured as long as its logged size keeps it.
+    (c,) = pose._assign_log_sizes([measured(35.2, 7.5, 0.0)], log)
+    assert (c.diameter_mm, c.length_mm) == (7.5, 35.0)
