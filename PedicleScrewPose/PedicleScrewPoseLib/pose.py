@@ -596,9 +596,10 @@ def _targets(probabilities, device):
 #: the right logged diameter): with the diameter weighted as if measured to 0.3 mm, it
 #: decided the lengths, and 20% of the paired screws got a length 5-10 mm off (segment error
 #: median 5.3 mm against 0.78 mm for the rest).  With 1.0 mm and the lengths read 1.5 mm longer:
-#: 205 of 243 lengths right against 193 of 240; recall 0.764 -> 0.774, precision 0.845 -> 0.856,
-#: median angle / segment 1.03 deg / 0.95 mm -> 0.99 deg / 0.87 mm (p95 segment 7.5 -> 6.5 mm).
-#: True label maps: unchanged recall, p95 1.18 deg / 1.73 mm -> 1.03 deg / 1.43 mm.
+#: 205 of 243 lengths right against 193 of 240 (cached maps; recall 0.764 -> 0.774, precision
+#: 0.845 -> 0.856 there, but the benchmark rerun on fresh maps moved both within noise:
+#: 0.761 / 0.860 -> 0.758 / 0.856, segment p95 6.7 -> 6.2 mm).  True label maps: unchanged
+#: recall, p95 1.18 deg / 1.73 mm -> 1.03 deg / 1.43 mm.
 LOG_LENGTH_SD_MM = 1.5
 LOG_DIAMETER_SD_MM = 1.0
 FIT_LENGTH_SHORTFALL_MM = 1.5
