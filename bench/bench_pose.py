@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     weights_sha = segmentation.sha256_of(weights) if "network" in modes else None
     # The network's arithmetic on this machine (segment's default precision): results made in
     # another one are rerun, like those of other weights.
-    precision = str(segmentation.network_dtype(args.device, segmentation.PRECISION)).replace("torch.", "")
+    precision = segmentation.precision_name(args.device)
 
     # 1. The test set.
     names = [f"case{i:03d}" for i in range(args.n_cases)]

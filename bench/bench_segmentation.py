@@ -230,7 +230,7 @@ def _timing(model, image, repeats: int = 7) -> dict:
     timing = {"note": "2 CPU cores; load_average_1min: the machine's load when the timing started (1 or less: idle); "
                       "precision: what segment's default precision='auto' runs the network in on this CPU "
                       "(the *_float32 rows force float32)",
-              "precision": str(segmentation.network_dtype("cpu", segmentation.PRECISION)).replace("torch.", ""),
+              "precision": segmentation.precision_name("cpu"),
               "cpu": _cpu_name(),
               "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     for threads in (1, 2):

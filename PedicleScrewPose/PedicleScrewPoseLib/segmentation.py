@@ -429,6 +429,12 @@ def network_dtype(device, precision: str = "auto"):
     return torch.bfloat16 if cpu_has_bfloat16() else torch.float32
 
 
+def precision_name(device, precision: str | None = None) -> str:
+    """``"float32"`` or ``"bfloat16"``: what ``precision`` (default :data:`PRECISION`) runs the
+    network in on ``device`` here (for benchmark records)."""
+    return str(network_dtype(device, PRECISION if precision is None else precision)).replace("torch.", "")
+
+
 _CAST_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -463,6 +469,7 @@ def _run_network(model, inputs, device, batch_size):
     import torch.nn.functional as F
 
     out: list[np.ndarray | None] = [None] * len(inputs)
+    dtype = next(model.parameters()).dtype  # the inputs follow the model's arithmetic
     groups: dict[tuple, list[int]] = {}
     for k, x in enumerate(inputs):
         groups.setdefault(x.shape, []).append(k)
@@ -473,7 +480,6 @@ def _run_network(model, inputs, device, batch_size):
             pw = (-w) % PAD_MULTIPLE
             for s in range(0, len(idx), batch_size):
                 chunk = idx[s:s + batch_size]
-                dtype = next(model.parameters()).dtype
                 t = torch.from_numpy(np.stack([inputs[k] for k in chunk]))[:, None].to(device, dtype)
                 if ph or pw:
                     # replicate: no artificial edge for the network to call metal
