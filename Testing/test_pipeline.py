@@ -161,6 +161,21 @@ def test_clean_merges_screws_whose_metal_would_overlap():
     assert pipeline._clean([a, sideways, backwards]) == [a]
 
 
+def test_clean_drops_a_screw_whose_head_lies_in_front_of_the_spine():
+    def est(x, y, z, conf=0.8):
+        return pose.ScrewEstimate(entry_mm=np.array([x, y, z], float), tip_mm=np.array([x * 0.8, y + 40, z], float),
+                                  diameter_mm=6.0, length_mm=40.0, head_diameter_mm=11.0, head_height_mm=12.0,
+                                  tip_length_mm=3.0, confidence=conf)
+
+    spine = [est(side * 22, 0.1 * z, z) for z in (0, 30, 60) for side in (-1, 1)]  # three levels, both sides
+    ghost = est(5, 60, 30, conf=0.9)     # a pairing of two screws' instances, out in the abdomen
+    deep = est(-22, 3 + 25, 90)          # 25 mm in front of its neighbours: a lordotic level, kept
+    kept = {id(k) for k in pipeline._clean(spine + [ghost, deep])}
+    assert id(ghost) not in kept and id(deep) in kept and all(id(s) in kept for s in spine)
+    # Too few neighbours at its height to judge: kept.
+    assert id(ghost) in {id(k) for k in pipeline._clean([spine[0], ghost])}
+
+
 def test_no_screws_gives_an_empty_list(tmp_path):
     case = write_small_case(tmp_path / "empty", [])
     out = tmp_path / "out"

@@ -151,6 +151,8 @@ def _mm_per_px(view: geometry.View, point_mm) -> float:
 
 #: World RAS direction in which a pedicle screw points from head to tip (posterior approach).
 ANTERIOR = np.array([0.0, 1.0, 0.0])
+#: World RAS direction towards the head.
+SUPERIOR = np.array([0.0, 0.0, 1.0])
 
 
 def posterior_pointing(axis_head_to_tip) -> bool:
