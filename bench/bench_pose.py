@@ -198,8 +198,8 @@ def main(argv=None) -> int:
 
 def _drop_other_weights(evals: dict, weights_sha, precision=None) -> None:
     """Remove a case's network results unless they were made with the weights ``weights_sha``
-    in the arithmetic ``precision`` (results that name no weights or precision count as another
-    model's; float32 for results from before precision was recorded); the true-label ones stay."""
+    in the arithmetic ``precision`` (results that name no weights count as another model's; those
+    that name no precision were made in float32, before it was recorded); the true-label ones stay."""
     made_in = evals.get("network_precision", "float32")
     if weights_sha and (evals.get("network_weights_sha256") != weights_sha
                         or (precision is not None and made_in != precision)):
