@@ -133,6 +133,32 @@ def test_candidates_off_the_segmentation_are_not_refined(case_dir):
     assert pipeline._gate(case.views, probs, [], "cpu") == []
 
 
+def test_clean_keeps_the_fit_of_one_screw_that_explains_its_metal(case_dir):
+    """Two fits of one screw, the true one and one 10 mm too short inside it: with the images
+    at hand the true one stays, whatever confidences the joint fit gave them (each one's pixels
+    that the other explains are left out of its score, so the short one lost nothing there)."""
+    case = io.read_case(case_dir)
+    probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
+    truth = io.read_truth(case_dir)["screws"]
+
+    def estimate(entry, tip, d, L, conf):
+        dims = pose.spec_dimensions(d, L)
+        return pose.ScrewEstimate(entry_mm=np.asarray(entry, float), tip_mm=np.asarray(tip, float),
+                                  diameter_mm=d, length_mm=L, head_diameter_mm=dims["head_diameter_mm"],
+                                  head_height_mm=dims["head_height_mm"], tip_length_mm=dims["tip_length_mm"],
+                                  confidence=conf)
+
+    good = [estimate(s["entry_mm"], s["tip_mm"], s["diameter_mm"], s["length_mm"], 0.9) for s in truth]
+    t0 = truth[0]
+    axis = np.subtract(t0["tip_mm"], t0["entry_mm"]) / t0["length_mm"]
+    short = estimate(t0["entry_mm"], np.add(t0["entry_mm"], axis * (t0["length_mm"] - 10.0)),
+                     t0["diameter_mm"], t0["length_mm"] - 10.0, 0.95)
+    kept = pipeline._clean(good + [short], case.views, probs, "cpu")
+    assert len(kept) == len(good) and any(k is good[0] for k in kept) and not any(k is short for k in kept)
+    # By the confidences alone, the short fit would have won.
+    assert any(k is short for k in pipeline._clean(good + [short]))
+
+
 def test_clean_merges_screws_whose_metal_would_overlap():
     def est(entry, tip, conf, d=6.0):
         return pose.ScrewEstimate(entry_mm=np.array(entry, float), tip_mm=np.array(tip, float), diameter_mm=d,
@@ -151,6 +177,11 @@ def test_clean_merges_screws_whose_metal_would_overlap():
     short = est([0.5, 0, 0], [0.5, 30, 0], 0.6)
     short.length_mm = 30.0
     assert pipeline._clean([a, short]) == [a]
+    # Or slid 9 mm along its axis (metal shared along 31 of 40 mm); 25 mm along, they are two.
+    slid = est([0, 9, 0], [0, 49, 0], 0.6)
+    assert pipeline._clean([a, slid]) == [a]
+    far_along = est([0, 25, 0], [0, 65, 0], 0.6)
+    assert pipeline._clean([a, far_along]) == [a, far_along]
     # Bilateral screws converging to within 5 mm at their tips stay two (only the tips are close).
     left = est([-20, 0, 0], [-3, 36, 0], 0.8)
     right = est([20, 0, 0], [3, 36, 0], 0.8)

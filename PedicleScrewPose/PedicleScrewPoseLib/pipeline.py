@@ -32,10 +32,15 @@ MIN_CONFIDENCE = 0.4
 #: (truth or network maps, 16 bench cases), while 20% of the wrong pairings did.
 MIN_INITIAL_CONFIDENCE = 0.3
 #: Two screws closer than this (max of entry and tip distance, mm) after refinement are one.
-#: A screw whose entry and tip both lie within the summed radii of another's axis is one with
-#: it as well (often the same screw fitted twice, once too short): their metal would overlap
-#: along the whole of the shorter shaft, which no two real screws do.
 DUPLICATE_MM = 3.0
+#: Two screws whose metal would overlap along this fraction of the shorter shaft or more (its
+#: axis within the summed radii of the other's axis segment) are one as well, which no two real
+#: screws can be: the same screw fitted twice, once too short, or once slid along its axis (in an
+#: AP + lateral pair a bilateral partner's lateral image lets a fit slide along the AP ray, where
+#: the AP view cannot see it).  Which fit stays is settled by :func:`_settle_duplicates`.  At 1.0
+#: (the whole shorter shaft) against 0.6, on the 30 pose cases' cached maps, AP + lateral:
+#: network precision 0.868 -> 0.887, true labels 0.984 -> 0.987, recall unchanged on both.
+SAME_SCREW_OVERLAP = 0.6
 #: A fitted screw whose head-to-tip direction is further than this from anterior (world RAS) is
 #: no pedicle screw: pedicle trajectories lie within about 45° of it (medial angulation up to
 #: ~40°, cranio-caudal tilt up to ~25°; the benchmark's 314 screws: 36° at most), and 70° leaves
@@ -120,12 +125,12 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
     timing["initial_pose"] = time.perf_counter() - t
     t2 = time.perf_counter()
     estimates = pose.refine_poses(views, probabilities, estimates, implants=implants, device=device)
-    kept = _clean(estimates)
+    kept = _clean(estimates, views, probabilities, device)
     if len(kept) != len(estimates) and kept:
         # Screws dropped: refit the rest once, briefly, without them pulling.
         kept = pose.refine_poses(views, probabilities, kept, implants=implants, device=device,
                                  stages_free=pose.STAGES_FREE[-1:], stages_fixed=pose.STAGES_FIXED)
-        kept = _clean(kept)
+        kept = _clean(kept, views, probabilities, device)
     timing["refinement"] = time.perf_counter() - t2
     timing["pose"] = time.perf_counter() - t
 
@@ -193,20 +198,49 @@ def _gate(views, probabilities, estimates, device):
     return keep
 
 
-def _clean(estimates):
+def _clean(estimates, views=None, probabilities=None, device="cpu"):
     """Drop screws that do not fit the images, that point where no pedicle screw can
     (:data:`MAX_FROM_ANTERIOR_DEG`), whose head lies in front of the spine
-    (:data:`MAX_ENTRY_ANTERIOR_MM`), and duplicates (the better fit stays)."""
+    (:data:`MAX_ENTRY_ANTERIOR_MM`), and duplicates.  Of two fits of one screw the one with
+    the higher confidence stays; with ``views`` and ``probabilities`` given, confidences
+    judged fairly (see :func:`_settle_duplicates`)."""
     min_anterior = np.cos(np.radians(MAX_FROM_ANTERIOR_DEG))
     good = [e for e in estimates if e.confidence >= MIN_CONFIDENCE and float(e.axis @ pose.ANTERIOR) >= min_anterior]
     good = [e for e, ahead in zip(good, _entry_ahead_of_neighbours_mm(good)) if not ahead > MAX_ENTRY_ANTERIOR_MM]
     good.sort(key=lambda e: -e.confidence)
-    kept = []
+    kept, rivals = [], []
     for e in good:
-        if any(_same_screw(e, k) for k in kept):
+        same = [i for i, k in enumerate(kept) if _same_screw(e, k)]
+        if same:
+            rivals[same[0]].append(e)
             continue
         kept.append(e)
+        rivals.append([])
+    if views is not None and probabilities is not None:
+        kept = _settle_duplicates(kept, rivals, views, probabilities, device)
     return kept
+
+
+def _settle_duplicates(kept, rivals, views, probabilities, device):
+    """Of the fits of one screw, keep the one that agrees best with the images among the
+    other kept screws.  Their confidences as fitted are no fair judge: each fit's pixels that
+    its rival explains are left out of its score (see ``pose._confidences``), so a fit too
+    short, inside its rival's silhouette, loses nothing for the metal it leaves unexplained.
+    30 pose cases, AP + lateral, cached maps: with true labels recall 0.962 -> 0.968 and
+    precision 0.977 -> 0.984 (bilateral screws whose lengths had been swapped); network maps
+    unchanged.  Costs one confidence rendering per fit in a group, rarely more than a few."""
+    out = list(kept)
+    for i, group in enumerate(rivals):
+        if not group:
+            continue
+        others = out[:i] + out[i + 1:]
+        best, best_conf = out[i], -1.0
+        for c in [out[i]] + group:
+            conf = pose.confidences(views, probabilities, others + [c], device=device)[-1].confidence
+            if conf > best_conf + 1e-9:
+                best, best_conf = c, conf
+        out[i] = best
+    return out
 
 
 def _entry_ahead_of_neighbours_mm(estimates) -> list[float]:
@@ -225,14 +259,17 @@ def _entry_ahead_of_neighbours_mm(estimates) -> list[float]:
 
 
 def _same_screw(a, b) -> bool:
-    """Whether two fitted screws are one: ends within DUPLICATE_MM, or the shorter shaft inside
-    the other's metal (both of its ends within the summed radii of the other's axis segment)."""
+    """Whether two fitted screws are one: ends within DUPLICATE_MM, or their metal would overlap
+    along :data:`SAME_SCREW_OVERLAP` or more of the shorter shaft (its axis within the summed
+    radii of the other's axis segment), which no two real screws do."""
     if max(np.linalg.norm(a.entry_mm - b.entry_mm), np.linalg.norm(a.tip_mm - b.tip_mm)) < DUPLICATE_MM:
         return True
     reach = 0.5 * (float(a.diameter_mm) + float(b.diameter_mm))
     short, long_ = (a, b) if a.length_mm <= b.length_mm else (b, a)
-    d = geometry.point_segment_distance([short.entry_mm, short.tip_mm], long_.entry_mm, long_.tip_mm)
-    return bool(np.all(d < reach))
+    s = np.linspace(0.0, 1.0, 11)[:, None]
+    along = short.entry_mm[None] * (1 - s) + short.tip_mm[None] * s
+    d = geometry.point_segment_distance(along, long_.entry_mm, long_.tip_mm)
+    return bool(np.mean(d < reach) >= SAME_SCREW_OVERLAP)
 
 
 def result_from_estimates(views, estimates, per_view=None, unmatched=()) -> dict:
