@@ -210,9 +210,9 @@ def _clean(estimates, views=None, probabilities=None, device="cpu"):
     good.sort(key=lambda e: -e.confidence)
     kept, rivals = [], []
     for e in good:
-        same = [i for i, k in enumerate(kept) if _same_screw(e, k)]
-        if same:
-            rivals[same[0]].append(e)
+        same = next((i for i, k in enumerate(kept) if _same_screw(e, k)), None)
+        if same is not None:
+            rivals[same].append(e)
             continue
         kept.append(e)
         rivals.append([])
