@@ -83,3 +83,42 @@ def test_init_starts_from_given_weights(bank_path, tmp_path):
 def test_train_needs_a_budget(tmp_path):
     with pytest.raises(ValueError, match="--steps or --minutes"):
         training.train(tmp_path, steps=None, minutes=None)
+
+
+def test_renderer_pairs_are_reproducible_and_labelled(bank_path):
+    bank = training.load_or_build_bank(bank_path, 1, 123, split="train")
+    a = training.renderer_pairs(bank, np.random.default_rng(3), n_crops=3, out_px=64)
+    b = training.renderer_pairs(bank, np.random.default_rng(3), n_crops=3, out_px=64)
+    assert len(a) == 3
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+        assert xa.shape == (1, 64, 64) and xa.dtype == np.float32 and np.isfinite(xa).all()
+        assert ya.shape == (1, 64, 64) and ya.dtype == np.int64 and set(np.unique(ya)) <= {0, 1, 2}
+    # crops of one rendered view differ (each its own zoom, rotation and place)
+    assert not np.array_equal(a[0][0], a[1][0])
+
+
+def test_visible_screws_drops_a_screw_that_shows_no_contrast():
+    rng = np.random.default_rng(0)
+    x = (0.5 + rng.normal(0, 0.1, (96, 96))).astype(np.float32)
+    labels = np.zeros((96, 96), np.uint8)
+    labels[10:16, 10:60] = 2          # a shaft that shows (+0.3)
+    x[10:16, 10:60] += 0.3
+    labels[40:46, 10:60] = 2          # a shaft under the noise with no contrast at all
+    labels[60:90, 60:90] = 1          # a head wider than the background kernel, no contrast
+    keep = training._visible_screws(x, labels)
+    assert keep[10:16, 10:60].all()
+    assert not keep[40:46, 10:60].any() and not keep[60:90, 60:90].any()
+    assert keep[labels == 0].all()
+    # the per-pixel test keeps a speckle of the invisible shaft and the wide head's centre
+    per_pixel = training._metal_visible(x, (labels > 0).astype(np.float32), np.zeros_like(x))
+    assert per_pixel[40:46, 10:60].any() and per_pixel[70:80, 70:80].all()
+
+
+def test_train_mixes_in_rendered_views(bank_path, tmp_path):
+    kw = dict(seed=123, n_bank_views=1, bank_path=bank_path, batch_size=2, crop_px=64, workers=0, progress=False)
+    w = training.train(tmp_path / "mix", steps=1, p_renderer=0.5, **kw)
+    assert segmentation.load_model(w).meta["p_renderer"] == 0.5
+    with pytest.raises(ValueError, match="p_renderer"):
+        training.train(tmp_path / "bad", steps=1, p_renderer=1.5, **kw)

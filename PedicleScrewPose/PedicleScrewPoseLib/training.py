@@ -25,6 +25,10 @@ Data (all from the example CT, every random process seeded):
    and markers, 8- or 16-bit quantisation.
 3. The network input is ``segmentation.preprocess(image, metal=hint)``: the very
    function inference uses.
+4. Optionally (``p_renderer``, :func:`renderer_pairs`) part of each batch comes from whole
+   bank views rendered by the simulator's own ``xray.render_view`` with
+   ``xray.RenderParams.random`` and 3D distractors, a second renderer beside the compositor,
+   so that the network learns screws rather than one renderer's look.
 
 Held out from training (kept for the test set, ``bench/bench_segmentation.py``):
 vertebral levels :data:`TEST_LEVELS`, C-arm angle bands :data:`TEST_LAO_BANDS_DEG`,
@@ -671,6 +675,33 @@ def _metal_visible(x, ti_mm, steel_mm, min_contrast: float = 0.03):
     return ~metal_m | (contrast > min_contrast) | (w < 0.05)
 
 
+def _visible_screws(x, labels, min_contrast: float = 0.03):
+    """False on the screw label regions (connected) whose mean contrast in ``x`` is under ``min_contrast``.
+
+    ``x``: the network's input (``segmentation.preprocess``: 0-1 over the field's window).
+    Judged per region, not per pixel as :func:`_metal_visible` does: under heavy noise a
+    per-pixel test keeps a random speckle of an invisible screw, and a head larger than the
+    background kernel has no background near its centre and always passes.
+    """
+    from scipy import ndimage
+
+    metal_m = labels > 0
+    if not metal_m.any():
+        return np.ones(x.shape, bool)
+    near = ndimage.binary_dilation(metal_m, iterations=2)
+    w = _gauss((~near).astype(np.float32), 5.0)
+    bg = _gauss(np.where(near, 0.0, x).astype(np.float32), 5.0) / np.maximum(w, 1e-3)
+    diff = _gauss(x.astype(np.float32), 1.0) - bg
+    comp, n = ndimage.label(metal_m)
+    idx = np.arange(1, n + 1)
+    judged = w >= 0.05
+    num = ndimage.sum(np.where(judged, diff, 0.0), comp, idx)
+    cnt = ndimage.sum(judged, comp, idx)
+    contrast = np.abs(num / np.maximum(cnt, 1))
+    keep = np.concatenate([[True], (contrast >= min_contrast) | (cnt == 0)])
+    return keep[comp]
+
+
 def _burn_text(rng, x):
     from PIL import Image, ImageDraw, ImageFont
 
@@ -705,6 +736,87 @@ def training_pair(bank, rng, out_px: int = CROP_PX, p_wrong_hint: float = 0.03):
     return x[None].astype(np.float32), labels[None].astype(np.int64)
 
 
+#: Crops per view rendered by the simulator's own renderer (:func:`renderer_pairs`): one
+#: render costs about 0.4 s on a core, against about 0.07 s for a composited crop.
+RENDERER_CROPS_PER_VIEW = 4
+
+_CT_CENTER = None
+
+
+def _ct_center_mm():
+    global _CT_CENTER
+    if _CT_CENTER is None:
+        from . import ct as ctmod
+
+        _CT_CENTER = np.asarray(ctmod.example_ct()[1].center_ras, float)
+    return _CT_CENTER
+
+
+def renderer_pairs(bank, rng, n_crops: int = RENDERER_CROPS_PER_VIEW, out_px: int = CROP_PX,
+                   p_wrong_hint: float = 0.03):
+    """Training pairs from one bank view rendered whole by the simulator (``xray.render_view``).
+
+    A second image family beside :func:`render_sample`'s compositor: its physics and display
+    (``xray.RenderParams.random``: detector response, dynamic range compression, edge
+    enhancement, collimators, 3D distractors projected through the view) differ from the
+    compositor's, and the network should not learn one renderer's look.  The whole view is
+    windowed by ``segmentation.preprocess`` as inference windows it, area-averaged to the crop's
+    pixel size (inference averages to ``segmentation.TARGET_MM_PER_PX``), then cropped.
+    Labels: the renderer's, minus what lies outside the exposed field or shows no contrast
+    (:func:`_metal_visible`).  Returns a list of ``(x float32 [1, h, w], labels int64 [1, h, w])``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from . import geometry, xray
+
+    nv = len(bank["views"])
+    vi = int(rng.integers(nv))
+    row = bank["views"][vi]
+    K, R, t = geometry.decompose_projection(row[:12].reshape(3, 4))[:3]
+    view = geometry.View(K=K, R=R, t=t, width=int(row[12]), height=int(row[13]), name="train")
+    H, W = view.height, view.width
+    cand = np.nonzero(bank["scr_view"] == vi)[0]
+    n = int(rng.choice([0, 1, 2, 3, 4, 6, 8, 10, 12], p=[.06, .1, .1, .1, .14, .14, .12, .12, .12]))
+    n = min(n, len(cand))
+    chosen = rng.choice(cand, size=n, replace=False) if n else np.zeros(0, int)
+    head = np.zeros((H, W), np.float32)
+    shaft = np.zeros((H, W), np.float32)
+    for k in chosen:
+        (v0, v1, u0, u1), h, s = _bank_screw(bank, int(k))
+        head[v0:v1, u0:u1] += h
+        shaft[v0:v1, u0:u1] += s
+    li = {"soft": torch.from_numpy(bank["soft"][vi].astype(np.float32)),
+          "bone": torch.from_numpy(bank["bone"][vi].astype(np.float32))}
+    params = xray.RenderParams.random(rng)
+    dis = xray.random_distractors(rng, _ct_center_mm() + rng.normal(0, [20, 20, 40])) if rng.random() < 0.6 else None
+    sv = xray.render_view(li, [], view, params, rng=rng, distractors=dis,
+                          screw_paths=(torch.from_numpy(head), torch.from_numpy(shaft)))
+    img = np.asarray(sv.image, np.float32)
+    lab = np.asarray(sv.labels, np.uint8).copy()
+    lab[~xray.field_mask(W, H, params)] = 0
+    hint = sv.metal if rng.random() >= p_wrong_hint else ("dark" if sv.metal == "bright" else "bright")
+    xw = segmentation.preprocess(img, metal=hint)
+    lab[~_visible_screws(xw, lab)] = 0
+    x = torch.from_numpy(xw)[None, None]
+    lt = torch.from_numpy(lab.astype(np.float32))[None, None]
+    px_mm_iso = float(bank["px_iso_mm"][vi])
+    out = []
+    for _ in range(n_crops):
+        theta = _random_affine(rng, (H, W), out_px, bank["scr_head_px"][chosen] if n else None, px_mm_iso)
+        zoom = float(np.hypot(theta[0, 0] * W, theta[1, 0] * H)) / out_px  # input px per crop px
+        xs = x
+        if zoom > 1.2:  # normalised coordinates do not depend on the grid's size: average, then sample
+            xs = F.interpolate(x, size=(max(8, round(H / zoom)), max(8, round(W / zoom))), mode="area")
+        grid = F.affine_grid(torch.from_numpy(theta)[None].float(), (1, 1, out_px, out_px), align_corners=False)
+        xc = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0].numpy()
+        lc = F.grid_sample(lt, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0].numpy()
+        if rng.random() < 0.15:  # as training_pair: extra noise after windowing
+            xc = xc + rng.normal(0, rng.uniform(0.01, 0.08), xc.shape).astype(np.float32)
+        out.append((xc[None].astype(np.float32), lc.round()[None].astype(np.int64)))
+    return out
+
+
 # =========================================================================== training loop
 def _iterable_dataset_base():
     import torch
@@ -715,8 +827,9 @@ def _iterable_dataset_base():
 class _PairStream(_iterable_dataset_base()):
     """Infinite iterable of training batches; each DataLoader worker gets its own seed."""
 
-    def __init__(self, bank_path, seed, batch_size, crop_px=CROP_PX):
+    def __init__(self, bank_path, seed, batch_size, crop_px=CROP_PX, p_renderer: float = 0.0):
         super().__init__()
+        self.p_renderer = float(p_renderer)
         self.crop_px = int(crop_px)
         self.bank_path = str(bank_path)
         self.seed = seed
@@ -734,7 +847,12 @@ class _PairStream(_iterable_dataset_base()):
         k = self.start
         while True:
             rng = np.random.default_rng([self.seed, wid, k])
-            xs, ys = zip(*[training_pair(bank, rng, out_px=self.crop_px) for _ in range(self.batch_size)])
+            n_r = min(self.batch_size, round(self.batch_size * self.p_renderer))
+            pairs = []
+            while len(pairs) < n_r:
+                pairs += renderer_pairs(bank, rng, out_px=self.crop_px)[: n_r - len(pairs)]
+            pairs += [training_pair(bank, rng, out_px=self.crop_px) for _ in range(self.batch_size - n_r)]
+            xs, ys = zip(*pairs)
             k += 1
             yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
@@ -752,14 +870,16 @@ def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
 def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
           device="cpu", resume: bool = False, batch_size: int = 16, lr: float = 3e-3, n_bank_views: int = 36,
           bank_path=None, workers: int = 1, threads: int = 1, log_every: int = 20, ckpt_every: int = 50,
-          progress: bool = True, crop_px: int = CROP_PX, init=None) -> Path:
+          progress: bool = True, crop_px: int = CROP_PX, init=None, p_renderer: float = 0.0) -> Path:
     """Train the U-Net; returns the path of the final weights (``out_dir/screw_unet.pt``).
 
     Stops after ``steps`` optimiser steps or ``minutes`` of wall time, whichever
     first (at least one must be given).  Checkpoints (model, optimiser, step,
     RNG seeds) go to ``out_dir/checkpoint.pt`` every ``ckpt_every`` steps and at the
     end; ``resume=True`` continues from it.  Logs: ``out_dir/log.csv`` and
-    ``out_dir/log.jsonl`` every ``log_every`` steps.
+    ``out_dir/log.jsonl`` every ``log_every`` steps.  ``p_renderer``: the fraction of each
+    batch drawn from whole views rendered by the simulator (:func:`renderer_pairs`) instead of
+    the compositor (:func:`render_sample`).
     """
     import torch
     from monai.losses import DiceCELoss
@@ -796,7 +916,9 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     elif resume:
         print(f"no checkpoint at {ckpt}; starting fresh")
 
-    stream = _PairStream(bank_path, seed, batch_size, crop_px)
+    if not 0.0 <= float(p_renderer) <= 1.0:
+        raise ValueError(f"p_renderer must lie in [0, 1], got {p_renderer}")
+    stream = _PairStream(bank_path, seed, batch_size, crop_px, p_renderer=p_renderer)
     stream.start = step
     if workers > 0:
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
@@ -869,7 +991,7 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     jl.close()
     model.eval()
     meta = {"seed": seed, "steps": step, "elapsed_s": round(time.time() - t0, 1), "batch_size": batch_size,
-            "crop_px": crop_px, "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views, "lr": lr,
+            "crop_px": crop_px, "p_renderer": float(p_renderer), "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views, "lr": lr,
             "init": None if init is None else {"file": Path(init).name, "sha256": segmentation.sha256_of(init)}}
     weights = out / "screw_unet.pt"
     segmentation.save_weights(model.cpu(), weights, meta=meta)
@@ -895,6 +1017,9 @@ def add_train_segmentation_arguments(parser) -> None:
     parser.add_argument("--init", default=None,
                         help="start from these weights (hash-checked) instead of a random initialisation")
     parser.add_argument("--crop", type=int, default=CROP_PX, help=f"training crop size in pixels (default {CROP_PX})")
+    parser.add_argument("--p-renderer", type=float, default=0.0,
+                        help="fraction of each batch from whole views rendered by the simulator (xray.render_view) "
+                             "instead of the compositor (default 0: stages 1-5 of the shipped model)")
 
 
 def train_segmentation_command(args) -> int:
@@ -904,5 +1029,6 @@ def train_segmentation_command(args) -> int:
         raise ValueError("--steps must be >= 1")
     train(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes, device=args.device,
           resume=args.resume, batch_size=args.batch_size, lr=args.lr, n_bank_views=args.bank_views,
-          workers=args.workers, threads=args.threads, crop_px=args.crop, init=args.init)
+          workers=args.workers, threads=args.threads, crop_px=args.crop, init=args.init,
+          p_renderer=args.p_renderer)
     return 0
