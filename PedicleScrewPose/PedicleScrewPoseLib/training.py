@@ -312,6 +312,17 @@ def _bank_screw(bank, k):
     return (v0, v1, u0, u1), bank["scr_head"][a:b].reshape(shape), bank["scr_shaft"][a:b].reshape(shape)
 
 
+def _bank_screw_paths(bank, chosen, shape):
+    """Titanium path lengths (mm) ``(head, shaft)`` of the bank screws ``chosen``, summed over a view of ``shape``."""
+    head = np.zeros(shape, np.float32)
+    shaft = np.zeros(shape, np.float32)
+    for k in chosen:
+        (v0, v1, u0, u1), h, s = _bank_screw(bank, int(k))
+        head[v0:v1, u0:u1] += h
+        shaft[v0:v1, u0:u1] += s
+    return head, shaft
+
+
 # =========================================================================== physics
 class _Physics:
     """Spectra (spekpy) on a kVp grid and mass attenuation (xraydb via ct) on their energy bins."""
@@ -374,12 +385,7 @@ def render_sample(bank, rng, out_px: int = CROP_PX, full_view: bool = False, sty
         n = int(rng.choice([0, 1, 2, 3, 4, 6, 8, 10, 12], p=[.12, .1, .1, .1, .14, .13, .11, .1, .1]))
     n = min(n, len(cand))
     chosen = rng.choice(cand, size=n, replace=False) if n else np.zeros(0, int)
-    head = np.zeros((H, W), np.float32)
-    shaft = np.zeros((H, W), np.float32)
-    for k in chosen:
-        (v0, v1, u0, u1), h, s = _bank_screw(bank, int(k))
-        head[v0:v1, u0:u1] += h
-        shaft[v0:v1, u0:u1] += s
+    head, shaft = _bank_screw_paths(bank, chosen, (H, W))
     thr = _label_threshold_mm()
     labels = np.where(head > thr, 1, np.where(shaft > thr, 2, 0)).astype(np.uint8)
     # ---- distractors (mm of steel / titanium along the rays), drawn at bank resolution
@@ -656,6 +662,18 @@ def _physics_and_display(rng, soft, bone, ti_mm, steel_mm, style, context=None):
     return img, field & _metal_visible(x, ti_mm, steel_mm), metal
 
 
+def _background_around(x, metal_m):
+    """``(bg, w)``: the mean of ``x`` over the non-metal pixels near each pixel (Gaussian, 5 px),
+    leaving out a 2-pixel rim around the metal, and the weight of those pixels (near 0: no
+    background within reach)."""
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(metal_m, iterations=2)
+    w = _gauss((~near).astype(np.float32), 5.0)
+    bg = _gauss(np.where(near, 0.0, x).astype(np.float32), 5.0) / np.maximum(w, 1e-3)
+    return bg, w
+
+
 def _metal_visible(x, ti_mm, steel_mm, min_contrast: float = 0.03):
     """False on metal pixels that show no contrast against the anatomy around them.
 
@@ -666,11 +684,7 @@ def _metal_visible(x, ti_mm, steel_mm, min_contrast: float = 0.03):
     metal_m = (ti_mm > 0.05) | (steel_mm > 0.05)
     if not metal_m.any():
         return np.ones(x.shape, bool)
-    from scipy import ndimage
-
-    near = ndimage.binary_dilation(metal_m, iterations=2)
-    w = _gauss((~near).astype(np.float32), 5.0)
-    bg = _gauss(np.where(near, 0.0, x).astype(np.float32), 5.0) / np.maximum(w, 1e-3)
+    bg, w = _background_around(x, metal_m)
     contrast = np.abs(_gauss(x.astype(np.float32), 1.0) - bg)
     return ~metal_m | (contrast > min_contrast) | (w < 0.05)
 
@@ -688,9 +702,7 @@ def _visible_screws(x, labels, min_contrast: float = 0.03):
     metal_m = labels > 0
     if not metal_m.any():
         return np.ones(x.shape, bool)
-    near = ndimage.binary_dilation(metal_m, iterations=2)
-    w = _gauss((~near).astype(np.float32), 5.0)
-    bg = _gauss(np.where(near, 0.0, x).astype(np.float32), 5.0) / np.maximum(w, 1e-3)
+    bg, w = _background_around(x, metal_m)
     diff = _gauss(x.astype(np.float32), 1.0) - bg
     comp, n = ndimage.label(metal_m)
     idx = np.arange(1, n + 1)
@@ -763,7 +775,7 @@ def renderer_pairs(bank, rng, n_crops: int = RENDERER_CROPS_PER_VIEW, out_px: in
     windowed by ``segmentation.preprocess`` as inference windows it, area-averaged to the crop's
     pixel size (inference averages to ``segmentation.TARGET_MM_PER_PX``), then cropped.
     Labels: the renderer's, minus what lies outside the exposed field or shows no contrast
-    (:func:`_metal_visible`).  Returns a list of ``(x float32 [1, h, w], labels int64 [1, h, w])``.
+    (:func:`_visible_screws`).  Returns a list of ``(x float32 [1, h, w], labels int64 [1, h, w])``.
     """
     import torch
     import torch.nn.functional as F
@@ -780,12 +792,7 @@ def renderer_pairs(bank, rng, n_crops: int = RENDERER_CROPS_PER_VIEW, out_px: in
     n = int(rng.choice([0, 1, 2, 3, 4, 6, 8, 10, 12], p=[.06, .1, .1, .1, .14, .14, .12, .12, .12]))
     n = min(n, len(cand))
     chosen = rng.choice(cand, size=n, replace=False) if n else np.zeros(0, int)
-    head = np.zeros((H, W), np.float32)
-    shaft = np.zeros((H, W), np.float32)
-    for k in chosen:
-        (v0, v1, u0, u1), h, s = _bank_screw(bank, int(k))
-        head[v0:v1, u0:u1] += h
-        shaft[v0:v1, u0:u1] += s
+    head, shaft = _bank_screw_paths(bank, chosen, (H, W))
     li = {"soft": torch.from_numpy(bank["soft"][vi].astype(np.float32)),
           "bone": torch.from_numpy(bank["bone"][vi].astype(np.float32))}
     params = xray.RenderParams.random(rng)
