@@ -13,7 +13,11 @@
   runs other segmentation weights instead (a candidate model); the network results cached for
   other weights (told apart by their SHA-256) are rerun, the true-label results are kept.
 * Metrics (evaluation.py): recall, precision, angle / entry / tip / segment errors with
-  median, mean, p95 and max.
+  median, mean, p95 and max.  Beside the recall over all true screws (the headline), the
+  recall over the screws exposed in every view used (``exposed_in_every_view``): a screw behind
+  a collimator shutter in one of two views cannot be triangulated by any method.
+* ``--seed-base B --cache DIR --out F``: another set of cases (seeds ``B + i``), for tuning the
+  pipeline apart from the test set (``TUNING_SEED_BASE`` is the set used so far).
 * Run time per stage of ``pipeline.run_case`` for an 8-screw, 2-view 512x512 case
   (network included), median of 3 runs, on this machine's CPU (2 threads) and on CUDA
   when available.
