@@ -14,8 +14,9 @@
   other weights (told apart by their SHA-256) are rerun, the true-label results are kept.
 * Metrics (evaluation.py): recall, precision, angle / entry / tip / segment errors with
   median, mean, p95 and max.  Beside the recall over all true screws (the headline), the
-  recall over the screws exposed in every view used (``exposed_in_every_view``): a screw behind
-  a collimator shutter in one of two views cannot be triangulated by any method.
+  recall over the screws exposed in every view used (``exposed_in_every_view``): a collimator
+  shutter passes 4% of the beam, so a screw behind one in one of two views is all but hidden
+  there (true label maps still show it, and the geometry then finds about half of them).
 * ``--seed-base B --cache DIR --out F``: another set of cases (seeds ``B + i``), for tuning the
   pipeline apart from the test set (``TUNING_SEED_BASE`` is the set used so far).
 * Run time per stage of ``pipeline.run_case`` for an 8-screw, 2-view 512x512 case
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None,
                     help="segmentation weights for the network mode (default: the shipped model)")
     ap.add_argument("--seed-base", type=int, default=None,
-                    help="another set of cases (seeds SEED_BASE + i): a tuning set apart from the test set "
+                    help="another set of cases (seeds SEED_BASE + i for this SEED_BASE): a tuning set apart from the test set "
                          f"(the test set's bases are {SEED_BASE} and {OTHER_DESIGN_SEED_BASE}; "
                          f"tuning used {TUNING_SEED_BASE}); give it its own --cache and --out")
     args = ap.parse_args(argv)
@@ -247,9 +248,9 @@ def _exposed_fraction(view, params: dict, entry_mm, tip_mm) -> float:
 
 def _recall_of_exposed(cases_dir, all_evals: dict, key: str, n_views: int) -> dict:
     """Recall over the true screws exposed (:data:`EXPOSED_FRACTION`) in every one of the first
-    ``n_views`` views, and how many true screws are not: those no method can triangulate from
-    these views (a screw behind a collimator shutter in one of two views).  Reported beside the
-    recall over all screws, which stays the headline."""
+    ``n_views`` views, and how many true screws are not (behind a collimator shutter or outside
+    the field in some view, where the image all but hides them).  Reported beside the recall over
+    all screws, which stays the headline."""
     from PedicleScrewPoseLib import io
 
     n_exposed = n_paired = n_hidden = n_hidden_paired = 0
