@@ -117,8 +117,8 @@ def direction_support(views, probabilities, head_mm, direction, fields=None) -> 
 
 def _joint_run_mm(maps: _Maps, head_mm, directions) -> np.ndarray:
     """(M,) how far (mm from the head centre) each direction's axis runs on foreground in every
-    view at once: the shortest of the views' runs (1 mm steps up to 85 mm; gaps of up to 2 mm
-    bridged; outside a view's field counts as on)."""
+    view at once: the last point of the shortest of the views' runs (1 mm steps up to 85 mm;
+    gaps of up to 2 mm bridged; outside a view's field counts as on)."""
     d = np.atleast_2d(np.asarray(directions, float))
     s = np.arange(SHAFT_SAMPLES_MM[0], 86.0, 1.0)
     pts = np.asarray(head_mm, float)[None, None] + d[:, None, :] * s[None, :, None]
@@ -130,7 +130,7 @@ def _joint_run_mm(maps: _Maps, head_mm, directions) -> np.ndarray:
         bridged[:, 1:] |= on[:, :-1]
         bridged[:, :-1] |= on[:, 1:]
         run = np.minimum(run, np.cumprod(bridged, axis=1).sum(1))
-    return s[0] + run
+    return s[0] + np.maximum(run - 1, 0)
 
 
 def _rank(maps: _Maps, head_mm, directions, support=None):
@@ -194,26 +194,6 @@ def alternatives(views, probabilities, estimates, fields=None, max_from_anterior
     return out
 
 
-def _run_length_mm(maps: _Maps, head_mm, direction, threshold=0.5, max_gap=2) -> float:
-    """Distance from the head centre to the last point along ``direction`` (1 mm steps, up to
-    85 mm) that every view seeing it shows as screw, allowing gaps of ``max_gap`` mm."""
-    s = np.arange(SHAFT_SAMPLES_MM[0], 86.0, 1.0)
-    pts = np.asarray(head_mm, float)[None] + np.asarray(direction, float)[None] * s[:, None]
-    good = np.ones(len(s), bool)
-    for vi in range(len(maps.views)):
-        vals = maps.sample(vi, pts)
-        good &= ~(np.isfinite(vals) & (vals < threshold))
-    end, gap = s[0], 0
-    for k, g in enumerate(good):
-        if g:
-            end, gap = s[k], 0
-        else:
-            gap += 1
-            if gap > max_gap:
-                break
-    return float(end)
-
-
 def estimates_from_heads(views, probabilities, instances, estimates, fields=None, implants=None,
                          max_from_anterior_deg: float = 70.0, min_support: float = MIN_HEAD_SUPPORT) -> list:
     """New screw estimates for head blobs that none of ``estimates`` explains.
@@ -264,7 +244,7 @@ def estimates_from_heads(views, probabilities, instances, estimates, fields=None
             diameter = float(np.clip(inst.width_px * correspondence.mm_per_px_at(views[vi], head), 4.0, 8.5))
         dims = pose.spec_dimensions(diameter, 45.0)
         entry = head + d * dims["head_height_mm"] / 2.0
-        length = float(np.clip(np.linalg.norm(head + d * _run_length_mm(maps, head, d) - entry), 20.0, 70.0))
+        length = float(np.clip(np.linalg.norm(head + d * _joint_run_mm(maps, head, d)[0] - entry), 20.0, 70.0))
         dims = pose.spec_dimensions(diameter, length)
         est = pose.ScrewEstimate(entry_mm=entry, tip_mm=entry + d * length, diameter_mm=dims["diameter_mm"],
                                  length_mm=length, head_diameter_mm=dims["head_diameter_mm"],

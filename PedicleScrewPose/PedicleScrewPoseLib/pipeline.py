@@ -231,8 +231,8 @@ def _second_look(views, probabilities, per_view, kept, fields, implants, device)
     among the other screws, as :func:`_settle_duplicates` does), then clean up.
 
     Tuning cases (20, seeds ``bench_pose.TUNING_SEED_BASE + i``, apart from the test set;
-    shipped network, cached maps): AP + lateral, recall 0.800 -> 0.820 and precision
-    0.889 -> 0.916 (mostly screws whose instance ran into a neighbour's shaft or a wire: a head
+    shipped network, cached maps): AP + lateral, recall 0.800 -> 0.815 and precision
+    0.889 -> 0.911 (mostly screws whose instance ran into a neighbour's shaft or a wire: a head
     in place and a tip 10-40 mm off); with the oblique, 0.770 -> 0.820 and 0.928 -> 0.948.
     The candidates are refined by themselves (refining them with all the kept screws did no
     better: 0.820 / 0.911 with AP + lateral, at three times the cost); median 1.2 s per case
