@@ -242,14 +242,8 @@ def estimates_from_heads(views, probabilities, instances, estimates, fields=None
             (vi, ii), = list(members.items())[:1]
             inst = instances[vi][ii]
             diameter = float(np.clip(inst.width_px * correspondence.mm_per_px_at(views[vi], head), 4.0, 8.5))
-        dims = pose.spec_dimensions(diameter, 45.0)
-        entry = head + d * dims["head_height_mm"] / 2.0
-        length = float(np.clip(np.linalg.norm(head + d * _joint_run_mm(maps, head, d)[0] - entry), 20.0, 70.0))
-        dims = pose.spec_dimensions(diameter, length)
-        est = pose.ScrewEstimate(entry_mm=entry, tip_mm=entry + d * length, diameter_mm=dims["diameter_mm"],
-                                 length_mm=length, head_diameter_mm=dims["head_diameter_mm"],
-                                 head_height_mm=dims["head_height_mm"], tip_length_mm=dims["tip_length_mm"],
-                                 size_from_log=bool(log_d), members=dict(members))
+        est = pose.estimate_from_head(head, d, head + d * _joint_run_mm(maps, head, d)[0], diameter,
+                                      size_from_log=bool(log_d), members=members)
         if any(np.linalg.norm(head - _head_centre(e)) < 5.0 for e in list(estimates) + out):
             continue
         out.append(est)

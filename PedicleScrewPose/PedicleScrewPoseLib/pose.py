@@ -28,6 +28,7 @@ __all__ = [
     "ScrewEstimate",
     "spec_dimensions",
     "initial_poses",
+    "estimate_from_head",
     "refine_poses",
     "render_labels",
     "render_screw_parts",
@@ -211,27 +212,34 @@ def initial_poses(views, instances, matches, implants=None) -> list[ScrewEstimat
                 if inst.width_px > 0:
                     widths.append(inst.width_px * _mm_per_px(views[vi], head_c))
             d0 = float(np.clip(np.median(widths) if widths else 6.0, 4.0, 8.5))
-        dims = spec_dimensions(d0, 45.0)
-        entry = head_c + axis * dims["head_height_mm"] / 2.0
-        length = float(np.linalg.norm(tip - entry))
-        if log_l:
-            length = float(np.median(log_l)) if not np.isfinite(length) else length
-        length = float(np.clip(length, 20.0, 70.0))
-        dims = spec_dimensions(d0, length)
-        estimates.append(
-            ScrewEstimate(
-                entry_mm=entry,
-                tip_mm=entry + axis * length,
-                diameter_mm=dims["diameter_mm"],
-                length_mm=length,
-                head_diameter_mm=dims["head_diameter_mm"],
-                head_height_mm=dims["head_height_mm"],
-                tip_length_mm=dims["tip_length_mm"],
-                size_from_log=bool(log_d),
-                members=dict(m.members),
-            )
-        )
+        estimates.append(estimate_from_head(head_c, axis, tip, d0, size_from_log=bool(log_d), members=m.members,
+                                            fallback_length_mm=float(np.median(log_l)) if log_l else None))
     return estimates
+
+
+def estimate_from_head(head_mm, axis, tip_mm, diameter_mm: float, size_from_log: bool = False, members=None,
+                       fallback_length_mm: float | None = None) -> ScrewEstimate:
+    """A screw of ``diameter_mm`` whose head's centre is ``head_mm`` and whose axis (unit,
+    world) is ``axis``: the entry half a head height along it, the length to ``tip_mm``
+    (``fallback_length_mm`` where that is not finite), within 20-70 mm."""
+    dims = spec_dimensions(diameter_mm, 45.0)
+    entry = head_mm + axis * dims["head_height_mm"] / 2.0
+    length = float(np.linalg.norm(tip_mm - entry))
+    if fallback_length_mm is not None and not np.isfinite(length):
+        length = float(fallback_length_mm)
+    length = float(np.clip(length, 20.0, 70.0))
+    dims = spec_dimensions(diameter_mm, length)
+    return ScrewEstimate(
+        entry_mm=entry,
+        tip_mm=entry + axis * length,
+        diameter_mm=dims["diameter_mm"],
+        length_mm=length,
+        head_diameter_mm=dims["head_diameter_mm"],
+        head_height_mm=dims["head_height_mm"],
+        tip_length_mm=dims["tip_length_mm"],
+        size_from_log=size_from_log,
+        members=dict(members or {}),
+    )
 
 
 # --------------------------------------------------------------------------------------
