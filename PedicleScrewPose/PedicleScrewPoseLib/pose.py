@@ -746,15 +746,18 @@ def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
                                 margin_px=margin, free_length=True, free_diameter=True, device=torch_device,
                                 lr_mm=lr_mm, lr_rad=lr_rad, length_range=length_range,
                                 diameter_range=diameter_range)
-            if has_log:
-                est = _assign_log_sizes(est, implants)
-                est = _swap_sizes(views, rays, targets, est, torch_device)
-            else:
-                est = [_snap_to_catalogue(e) for e in est]
+            est = _assign_log_sizes(est, implants) if has_log else [_snap_to_catalogue(e) for e in est]
             loss = _fit_loss(views, rays, targets, est, torch_device) if len(schedules) > 1 else 0.0
             if loss < best_loss:
                 best, best_loss = est, loss
         est = best
+        # Size swaps are tried once, on the winning schedule's fit (they cost K^2/2 fits of the
+        # whole scene, and running them on both schedules made them a third of the
+        # refinement).  Tuning cases (40, AP + lateral, cached maps): the same recall (0.751),
+        # precision 0.885 -> 0.882 (one more false screw), 15% less pipeline time; with the
+        # oblique, the same recall and precision (0.774 / 0.942), 12% less time.
+        if has_log:
+            est = _swap_sizes(views, rays, targets, est, torch_device)
         for stride, sig, it, margin, lr_mm, lr_rad in stages_fixed:
             est = _optimise(views, rays, targets, est, stride=stride, sigma_px=sig, iterations=it, margin_px=margin,
                             free_length=False, free_diameter=False, device=torch_device,
