@@ -243,3 +243,27 @@ def test_log_sizes_follow_length_when_measured_short_and_diameter_blurred():
     # A screw measured as long as its logged size keeps it.
     (c,) = pose._assign_log_sizes([measured(35.2, 7.5, 0.0)], log)
     assert (c.diameter_mm, c.length_mm) == (7.5, 35.0)
+
+
+def test_size_swaps_give_each_screw_the_logged_size_its_images_show():
+    """Two screws of one level, 30 and 45 mm long, handed each other's logged sizes: the swap
+    step (run once, on the winning schedule's fit) trades them back, since the silhouettes with
+    the right sizes fit the label maps better; right sizes are left alone."""
+    import torch
+
+    views = small_views()
+    screws = bilateral_screws(levels=1)
+    lengths = (30.0, 45.0)
+    screws = [sc.Screw(spec=sc.ScrewSpec.from_size(6.5, L), id=s.id,
+                       T_world_from_screw=sc.pose_from_entry_tip(s.entry_mm, s.entry_mm + L * s.axis))
+              for s, L in zip(screws, lengths)]
+    probs = [one_hot(xray.label_map(screws, v)) for v in views]
+    device = torch.device("cpu")
+    rays = [pose._ViewRays(v, device) for v in views]
+    targets = pose._targets(probs, device)
+    right = [estimate_of(s) for s in screws]
+    wrong = [right[0].with_size(6.5, lengths[1]), right[1].with_size(6.5, lengths[0])]
+    swapped = pose._swap_sizes(views, rays, targets, wrong, device)
+    assert [e.length_mm for e in swapped] == list(lengths)
+    kept = pose._swap_sizes(views, rays, targets, right, device)
+    assert [e.length_mm for e in kept] == list(lengths)
