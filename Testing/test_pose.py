@@ -267,3 +267,23 @@ def test_size_swaps_give_each_screw_the_logged_size_its_images_show():
     assert [e.length_mm for e in swapped] == list(lengths)
     kept = pose._swap_sizes(views, rays, targets, right, device)
     assert [e.length_mm for e in kept] == list(lengths)
+
+
+def test_size_swaps_draw_on_logged_sizes_no_found_screw_holds():
+    """A screw given the wrong logged length, whose right length belongs to a screw that was
+    not found (still in the log's pool), gets the pool's size; the pool gets its old one."""
+    import torch
+
+    views = small_views()
+    s = bilateral_screws(levels=1)[0]
+    s = sc.Screw(spec=sc.ScrewSpec.from_size(6.5, 30.0), id=s.id,
+                 T_world_from_screw=sc.pose_from_entry_tip(s.entry_mm, s.entry_mm + 30.0 * s.axis))
+    probs = [one_hot(xray.label_map([s], v)) for v in views]
+    device = torch.device("cpu")
+    rays = [pose._ViewRays(v, device) for v in views]
+    targets = pose._targets(probs, device)
+    wrong = [estimate_of(s).with_size(6.5, 45.0)]
+    (fixed,) = pose._swap_sizes(views, rays, targets, wrong, device, pool=[(6.5, 45.0), (6.5, 30.0)])
+    assert (fixed.diameter_mm, fixed.length_mm) == (6.5, 30.0)
+    (same,) = pose._swap_sizes(views, rays, targets, wrong, device)
+    assert same.length_mm == 45.0  # without the pool there is nothing to trade with
