@@ -681,18 +681,19 @@ def _swap_sizes(views, rays, targets, estimates, device, max_rounds=2, pool=()):
                 if loss < base - 1e-4:
                     est, base, improved = trial, loss, True
         # Logged sizes no found screw holds (screws missed): trade with that pool too.
+        # Each distinct size is tried once per screw, so a long log costs little more.
         pool = list(pool)
         for i in range(len(est)):
-            for k, (d, L) in enumerate(pool):
+            for d, L in sorted(set(pool)):
                 a = est[i]
-                if (a.diameter_mm, a.length_mm) == (d, L):
+                if (a.diameter_mm, a.length_mm) == (d, L) or (d, L) not in pool:
                     continue
                 trial = list(est)
                 trial[i] = a.with_size(d, L)
                 trial[i].size_from_log = True
                 loss = _fit_loss(views, rays, targets, trial, device)
                 if loss < base - 1e-4:
-                    pool[k] = (a.diameter_mm, a.length_mm)
+                    pool[pool.index((d, L))] = (a.diameter_mm, a.length_mm)
                     est, base, improved = trial, loss, True
         if not improved:
             break
