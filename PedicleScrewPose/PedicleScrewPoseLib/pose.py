@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -615,10 +616,15 @@ LOG_DIAMETER_SD_MM = 1.0
 FIT_LENGTH_SHORTFALL_MM = 1.5
 
 
+def _log_sizes(implants) -> list[tuple[float, float]]:
+    """The implant log's complete entries as (diameter_mm, length_mm)."""
+    return [(float(s["diameter_mm"]), float(s["length_mm"])) for s in implants or []
+            if "diameter_mm" in s and "length_mm" in s]
+
+
 def _assign_log_sizes(estimates, implants):
     """Give each screw an implant-log size: Hungarian on length (and diameter) differences."""
-    log = [(float(s["diameter_mm"]), float(s["length_mm"])) for s in implants
-           if "diameter_mm" in s and "length_mm" in s]
+    log = _log_sizes(implants)
     if not log or not estimates:
         return estimates
     cost = np.array([[abs(e.length_mm + FIT_LENGTH_SHORTFALL_MM - L) / LOG_LENGTH_SD_MM
@@ -665,6 +671,7 @@ def _swap_sizes(views, rays, targets, estimates, device, max_rounds=2, pool=()):
     oblique 0.774 -> 0.779 and 0.942 -> 0.945.
     """
     est = list(estimates)
+    pool = list(pool)
     base = _fit_loss(views, rays, targets, est, device)
     for _ in range(max_rounds):
         improved = False
@@ -682,7 +689,6 @@ def _swap_sizes(views, rays, targets, estimates, device, max_rounds=2, pool=()):
                     est, base, improved = trial, loss, True
         # Logged sizes no found screw holds (screws missed): trade with that pool too.
         # Each distinct size is tried once per screw, so a long log costs little more.
-        pool = list(pool)
         for i in range(len(est)):
             for d, L in sorted(set(pool)):
                 a = est[i]
@@ -775,16 +781,8 @@ def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
         # precision 0.885 -> 0.882 (one more false screw), 15% less pipeline time; with the
         # oblique, the same recall and precision (0.774 / 0.942), 12% less time.
         if has_log:
-            used = [(e.diameter_mm, e.length_mm) for e in est]
-            pool = []
-            for s_ in implants:
-                if "diameter_mm" in s_ and "length_mm" in s_:
-                    size = (float(s_["diameter_mm"]), float(s_["length_mm"]))
-                    if size in used:
-                        used.remove(size)
-                    else:
-                        pool.append(size)
-            est = _swap_sizes(views, rays, targets, est, torch_device, pool=pool)
+            unheld = Counter(_log_sizes(implants)) - Counter((e.diameter_mm, e.length_mm) for e in est)
+            est = _swap_sizes(views, rays, targets, est, torch_device, pool=list(unheld.elements()))
         for stride, sig, it, margin, lr_mm, lr_rad in stages_fixed:
             est = _optimise(views, rays, targets, est, stride=stride, sigma_px=sig, iterations=it, margin_px=margin,
                             free_length=False, free_diameter=False, device=torch_device,
