@@ -763,9 +763,10 @@ STAGES_FIXED = ((1, 0.6, 15, 4, 0.1, 0.004),)
 #: 97_000_000 + i, 30 cases, AP + lateral), fitted from the true pose with our model's head and
 #: tip the axes tilted 1.4 deg (0.46 with the design's own).  Session 21 (HEAD_PRIOR_WEIGHT and
 #: the rest unchanged), against the refinement without the shared offset and this stage:
-#: true labels, 30 cases of the other design: recall 0.922 -> 0.938, precision 0.956 -> 0.976,
-#: angle median 1.18 -> 0.50 deg, segment median 0.85 -> 0.42 mm (shared pull 0.01);
-#: network, the same cases: recall 0.782 -> 0.789, precision 0.896 -> 0.897, angle median
+#: true labels, 30 cases of the other design: recall 0.922 -> 0.938, precision 0.956 -> 0.973,
+#: angle median 1.18 -> 0.79 deg, segment median 0.85 -> 0.63 mm (with a shared pull of 0.01:
+#: 0.50 deg, 0.42 mm, but on our design's network maps recall 0.820 -> 0.790, precision
+#: 0.916 -> 0.878); network, the same cases: recall 0.782 -> 0.789, precision 0.896 -> 0.897, angle median
 #: 1.91 -> 1.67 deg, segment median 2.69 -> 2.04 mm (61% of the screws paired in both closer);
 #: network, 20 tuning cases of our design: recall 0.820 -> 0.825, precision 0.916 -> 0.912,
 #: angle median 1.09 -> 1.10 deg, segment median 0.90 -> 1.05 mm (58% of the screws further,
