@@ -27,9 +27,13 @@
   design than the model the refinement starts from (a low-profile head of about 9 x 8.6 mm
   against ~11.5 x 13.8 mm, a deeper thread, a tip one diameter long), seeds
   ``OTHER_DESIGN_SEED_BASE + i``: how much the pose depends on knowing the screw's make.
+* ``--screw-design tall-blunt``: a third design, the other way from ours (a tulip of about
+  13 x 16 mm, a blunt tip of 0.35 diameters, a shallow thread), seeds ``THIRD_DESIGN_SEED_BASE + i``:
+  so that the pipeline is not tuned to one foreign design.
   The segmentation network saw heads and tips of 0.75-1.3x our proportions in training.
 
-Writes ``bench/results/pose.json`` (``pose_low_profile.json`` for the other design).
+Writes ``bench/results/pose.json`` (``pose_low_profile.json``, ``pose_tall_blunt.json`` for the
+other designs).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SEED_BASE = 91_000_000
 OTHER_DESIGN_SEED_BASE = 93_000_000
+THIRD_DESIGN_SEED_BASE = 94_000_000
 #: Cases for tuning the pipeline's gates, kept apart from the test set (``--seed-base``).
 TUNING_SEED_BASE = 95_000_000
 VIEW_NAMES = ("ap", "lat", "obl")
@@ -56,9 +61,9 @@ VIEW_NAMES = ("ap", "lat", "obl")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-cases", type=int, default=30)
-    ap.add_argument("--screw-design", choices=("ours", "low-profile"), default="ours")
-    ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-low-profile]")
-    ap.add_argument("--out", default=None, help="default bench/results/pose[_low_profile].json")
+    ap.add_argument("--screw-design", choices=("ours", "low-profile", "tall-blunt"), default="ours")
+    ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-DESIGN]")
+    ap.add_argument("--out", default=None, help="default bench/results/pose[_DESIGN].json")
     ap.add_argument("--modes", default="truth,network")
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
                     help="segmentation weights for the network mode (default: the shipped model)")
     ap.add_argument("--seed-base", type=int, default=None,
                     help="another set of cases (seeds SEED_BASE + i for this SEED_BASE): a tuning set apart from the test set "
-                         f"(the test set's bases are {SEED_BASE} and {OTHER_DESIGN_SEED_BASE}; "
+                         f"(the test sets' bases are {SEED_BASE}, {OTHER_DESIGN_SEED_BASE} and {THIRD_DESIGN_SEED_BASE}; "
                          f"tuning used {TUNING_SEED_BASE}); give it its own --cache and --out")
     args = ap.parse_args(argv)
     if args.seed_base is not None and (args.cache is None or args.out is None):
@@ -83,9 +88,11 @@ def main(argv=None) -> int:
 
     t_stop = time.time() + args.max_minutes * 60 if args.max_minutes else None
     other = args.screw_design != "ours"
-    cache = Path(args.cache or HERE / ".cache" / ("pose-low-profile" if other else "pose"))
-    args.out = args.out or str(HERE / "results" / ("pose_low_profile.json" if other else "pose.json"))
-    seed_base = OTHER_DESIGN_SEED_BASE if other else SEED_BASE
+    cache = Path(args.cache or HERE / ".cache" / (f"pose-{args.screw_design}" if other else "pose"))
+    args.out = args.out or str(HERE / "results" / (
+        f"pose_{args.screw_design.replace('-', '_')}.json" if other else "pose.json"))
+    seed_base = {"ours": SEED_BASE, "low-profile": OTHER_DESIGN_SEED_BASE,
+                 "tall-blunt": THIRD_DESIGN_SEED_BASE}[args.screw_design]
     if args.seed_base is not None:
         seed_base = args.seed_base
     cases_dir = cache / "cases"
@@ -303,7 +310,14 @@ def _screw_design(name):
                    tip_length_mm=round(float(np.clip(d, 4.0, 8.0)), 3), head_diameter_mm=head_d,
                    head_height_mm=round(0.4 * head_d + 5.0, 3), name=name if name is not None else f"LP{d:g}x{L:g}")
 
-    screw.ScrewSpec.from_size = classmethod(low_profile)
+    def tall_blunt(cls, diameter_mm, length_mm, name=None):
+        d, L = float(diameter_mm), float(length_mm)
+        head_d = float(np.clip(d + 6.0, 12.0, 14.5))
+        return cls(diameter_mm=d, length_mm=L, core_diameter_mm=round(0.8 * d, 3), pitch_mm=2.5,
+                   tip_length_mm=round(float(np.clip(0.35 * d, 1.8, 3.0)), 3), head_diameter_mm=head_d,
+                   head_height_mm=round(0.55 * head_d + 9.0, 3), name=name if name is not None else f"TB{d:g}x{L:g}")
+
+    screw.ScrewSpec.from_size = classmethod({"low-profile": low_profile, "tall-blunt": tall_blunt}[name])
     try:
         yield
     finally:
