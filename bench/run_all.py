@@ -4,14 +4,17 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_simulator.py", "bench_segmentation.py", "bench_pose.py", "bench_assessment.py"]
+ORDER = [["bench_simulator.py"], ["bench_segmentation.py"], ["bench_pose.py"],
+         ["bench_pose.py", "--screw-design", "low-profile", "--n-cases", "10", "--skip-timing"],
+         ["bench_pose.py", "--screw-design", "tall-blunt", "--n-cases", "10", "--skip-timing"],
+         ["bench_assessment.py"]]
 
 if __name__ == "__main__":
     failed = []
-    for name in ORDER:
-        print(f"== {name}", flush=True)
-        rc = subprocess.call([sys.executable, str(HERE / name)])
+    for name, *args in ORDER:
+        print(f"== {name} {' '.join(args)}", flush=True)
+        rc = subprocess.call([sys.executable, str(HERE / name), *args])
         if rc:
-            failed.append(name)
+            failed.append(" ".join([name, *args]))
     print("results in", HERE / "results")
     sys.exit(1 if failed else 0)
