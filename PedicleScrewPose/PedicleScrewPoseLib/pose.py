@@ -781,9 +781,12 @@ def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
     roots, :data:`TARGET_POWER`; fine pixels sampled at :data:`WORK_MM_PER_PX`).
 
     Coarse stages on every 2nd pixel with length, head size and tip length (and, without an
-    implant log, diameter) free, head and tip held near the model's proportions by
-    :data:`HEAD_PRIOR_WEIGHT`; sizes then set from the implant log (Hungarian on length) or snapped to the
-    catalogue; a last stage at full resolution with 0.6 px edges and sizes fixed.
+    implant log, diameter) free, head and tip held near the model's proportions per screw by
+    :data:`HEAD_PRIOR_WEIGHT` and for the case's screw system as a whole by
+    :data:`DESIGN_PRIOR_WEIGHT`; sizes then set from the implant log (Hungarian on length, then
+    pairwise swaps) or snapped to the catalogue; a stage with the shaft sizes fixed and heads and
+    tips free (:data:`STAGES_SHAPE`); a last stage at full resolution with 0.6 px edges and all
+    sizes fixed.
     Confidence per screw: the worst view's silhouette agreement (see :func:`_confidences`).
     """
     if not estimates:
