@@ -93,21 +93,29 @@ def test_refinement_recovers_perturbed_screws(scene):
     assert after < before
 
 
-def test_refinement_measures_the_head_of_another_screw_design():
-    # Another maker's screw: a low-profile head (9 x 8.6 mm against the model's 11.5 x 13.8)
-    # and a long tip.  A model that kept its own head would put the entry (the head-to-shaft
-    # boundary) where its taller head ends; the refinement measures head and tip instead.
+def low_profile_scene(levels, seed):
+    """Bilateral screws of a low-profile system (head 9 x 8.6 mm, tip one diameter long) on
+    0.6 mm pixels, their label maps, and starts with the model's own proportions, entries
+    1 mm off."""
     views = small_views(size=256, pixel_mm=0.6)
     spec = sc.ScrewSpec(diameter_mm=6.5, length_mm=45.0, core_diameter_mm=3.9, pitch_mm=3.0,
                         tip_length_mm=6.5, head_diameter_mm=9.0, head_height_mm=8.6, name="low-profile")
     screws = [sc.Screw(spec=spec, T_world_from_screw=sc.pose_from_entry_tip(s.entry_mm, s.tip_mm), id=s.id)
-              for s in bilateral_screws(levels=1, seed=3)]
+              for s in bilateral_screws(levels=levels, seed=seed)]
     labels = [xray.label_map(screws, v) for v in views]
     rng = np.random.default_rng(2)
     start = []
     for s in screws:
         e = s.entry_mm + rng.normal(0, 1.0, 3)
         start.append(estimate_of(s, e, e + 45.0 * s.axis))
+    return views, screws, labels, start
+
+
+def test_refinement_measures_the_head_of_another_screw_design():
+    # Another maker's screw: a low-profile head (9 x 8.6 mm against the model's 11.5 x 13.8)
+    # and a long tip.  A model that kept its own head would put the entry (the head-to-shaft
+    # boundary) where its taller head ends; the refinement measures head and tip instead.
+    views, screws, labels, start = low_profile_scene(levels=1, seed=3)
     assert start[0].head_height_mm > 12.0  # the model's own head, to begin with
     out = pose.refine_poses(views, [one_hot(l) for l in labels], start,
                             implants=[{"diameter_mm": 6.5, "length_mm": 45.0}] * len(screws))
@@ -295,17 +303,7 @@ def test_refinement_measures_one_screw_system_across_the_case():
     # screw by screw, heads stayed ~1.3 mm too tall and tips short, and with the logged length
     # fixed the axes tilted 1.0-1.3 deg to hide the tip's extra length (measured); the offset
     # shared by the case's screws and the stage after the log sizes measure the system instead.
-    views = small_views(size=256, pixel_mm=0.6)
-    spec = sc.ScrewSpec(diameter_mm=6.5, length_mm=45.0, core_diameter_mm=3.9, pitch_mm=3.0,
-                        tip_length_mm=6.5, head_diameter_mm=9.0, head_height_mm=8.6, name="low-profile")
-    screws = [sc.Screw(spec=spec, T_world_from_screw=sc.pose_from_entry_tip(s.entry_mm, s.tip_mm), id=s.id)
-              for s in bilateral_screws(levels=2, seed=4)]
-    labels = [xray.label_map(screws, v) for v in views]
-    rng = np.random.default_rng(2)
-    start = []
-    for s in screws:
-        e = s.entry_mm + rng.normal(0, 1.0, 3)
-        start.append(estimate_of(s, e, e + 45.0 * s.axis))
+    views, screws, labels, start = low_profile_scene(levels=2, seed=4)
     own_tip_mm = start[0].tip_length_mm
     out = pose.refine_poses(views, [one_hot(l) for l in labels], start,
                             implants=[{"diameter_mm": 6.5, "length_mm": 45.0}] * len(screws))

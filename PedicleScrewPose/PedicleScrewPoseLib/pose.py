@@ -825,14 +825,12 @@ def refine_poses(views, probabilities, estimates, implants=None, device="cpu",
         if has_log:
             unheld = Counter(_log_sizes(implants)) - Counter((e.diameter_mm, e.length_mm) for e in est)
             est = _swap_sizes(views, rays, targets, est, torch_device, pool=list(unheld.elements()))
-        for stride, sig, it, margin, lr_mm, lr_rad in STAGES_SHAPE:
+        # Shaft sizes fixed from here: first heads and tips free (STAGES_SHAPE), then nothing.
+        stages = [(st, True) for st in STAGES_SHAPE] + [(st, False) for st in stages_fixed]
+        for (stride, sig, it, margin, lr_mm, lr_rad), free_shape in stages:
             est = _optimise(views, rays, targets, est, stride=stride, sigma_px=sig, iterations=it, margin_px=margin,
                             free_length=False, free_diameter=False, device=torch_device,
-                            lr_mm=lr_mm, lr_rad=lr_rad, free_shape=True, shape_lr=SHAPE_LR)
-        for stride, sig, it, margin, lr_mm, lr_rad in stages_fixed:
-            est = _optimise(views, rays, targets, est, stride=stride, sigma_px=sig, iterations=it, margin_px=margin,
-                            free_length=False, free_diameter=False, device=torch_device,
-                            lr_mm=lr_mm, lr_rad=lr_rad)
+                            lr_mm=lr_mm, lr_rad=lr_rad, free_shape=free_shape, shape_lr=SHAPE_LR)
         return _confidences(views, rays, targets, est, torch_device)
 
 
