@@ -53,6 +53,8 @@ HERE = Path(__file__).resolve().parent
 SEED_BASE = 91_000_000
 OTHER_DESIGN_SEED_BASE = 93_000_000
 THIRD_DESIGN_SEED_BASE = 94_000_000
+#: ``--renderer voxel`` (bench/voxel_render.py), whatever the design.
+VOXEL_RENDERER_SEED_BASE = 99_000_000
 #: Cases for tuning the pipeline's gates, kept apart from the test set (``--seed-base``).
 TUNING_SEED_BASE = 95_000_000
 VIEW_NAMES = ("ap", "lat", "obl")
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-cases", type=int, default=30)
     ap.add_argument("--screw-design", choices=("ours", "low-profile", "tall-blunt"), default="ours")
+    ap.add_argument("--renderer", choices=("ours", "voxel"), default="ours",
+                    help="voxel: the plain second renderer of bench/voxel_render.py (voxel screws, one energy)")
     ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-DESIGN]")
     ap.add_argument("--out", default=None, help="default bench/results/pose[_DESIGN].json")
     ap.add_argument("--modes", default="truth,network")
@@ -87,12 +91,14 @@ def main(argv=None) -> int:
     from PedicleScrewPoseLib import evaluation, io, pipeline
 
     t_stop = time.time() + args.max_minutes * 60 if args.max_minutes else None
-    other = args.screw_design != "ours"
-    cache = Path(args.cache or HERE / ".cache" / (f"pose-{args.screw_design}" if other else "pose"))
-    args.out = args.out or str(HERE / "results" / (
-        f"pose_{args.screw_design.replace('-', '_')}.json" if other else "pose.json"))
+    tags = ([args.renderer] if args.renderer != "ours" else []) + (
+        [args.screw_design] if args.screw_design != "ours" else [])
+    cache = Path(args.cache or HERE / ".cache" / "-".join(["pose"] + tags))
+    args.out = args.out or str(HERE / "results" / ("_".join(["pose"] + tags).replace("-", "_") + ".json"))
     seed_base = {"ours": SEED_BASE, "low-profile": OTHER_DESIGN_SEED_BASE,
                  "tall-blunt": THIRD_DESIGN_SEED_BASE}[args.screw_design]
+    if args.renderer == "voxel":
+        seed_base = VOXEL_RENDERER_SEED_BASE
     if args.seed_base is not None:
         seed_base = args.seed_base
     cases_dir = cache / "cases"
@@ -127,9 +133,15 @@ def main(argv=None) -> int:
 
                 shutil.rmtree(d)  # an interrupted case
             with _screw_design(args.screw_design):
-                simulate.simulate_case(d, ct, labels, seed=seed_base + i, view_names=VIEW_NAMES,
-                                       image_size=args.image_size, realistic=True, device=args.device,
-                                       cache=sim_cache)
+                if args.renderer == "voxel":
+                    import voxel_render
+
+                    voxel_render.simulate_case(d, ct, labels, seed=seed_base + i, view_names=VIEW_NAMES,
+                                               image_size=args.image_size, cache=sim_cache)
+                else:
+                    simulate.simulate_case(d, ct, labels, seed=seed_base + i, view_names=VIEW_NAMES,
+                                           image_size=args.image_size, realistic=True, device=args.device,
+                                           cache=sim_cache)
 
     # 2. Runs and evaluations.
     model = None
@@ -179,7 +191,9 @@ def main(argv=None) -> int:
                                                      "precision": precision},
         "test_set": {"n_cases": len(names), "seed_base": seed_base, "views": list(VIEW_NAMES),
                      "screw_design": args.screw_design,
-                     "image_size": args.image_size, "simulator": "simulate.simulate_case(realistic=True)",
+                     "image_size": args.image_size,
+                     "simulator": ("bench/voxel_render.py (voxel screws, one energy, log display)"
+                                   if args.renderer == "voxel" else "simulate.simulate_case(realistic=True)"),
                      "cases": str(cases_dir)},
         "targets": {"recall": 0.98, "precision": 0.98, "angle_deg_median": 1.0, "segment_mm_median": 1.0,
                     "angle_deg_p95": 2.0, "segment_mm_p95": 2.0, "run_s_8_screws_2_views_512": 10.0},

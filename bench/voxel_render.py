@@ -1,0 +1,122 @@
+"""A second, deliberately plain X-ray renderer for the benchmarks: screws as voxel blocks, one
+energy, a plain log display.
+
+The pipeline is also scored on cases that another group's renderer makes, which we never see.
+Such renderers commonly insert the implant into the CT as a voxel mask and project the whole
+volume (DeepDRR, DiffDRR, a CT-based DRR), then show ``-log(I/I0)`` in a linear window.  So
+this one differs from ``xray.render_view`` (and from the training compositor) in each step:
+
+* screws: binary titanium voxels of ``VOXEL_MM`` in the screw's frame (voxel centres inside
+  the model, no partial volume): stair-stepped edges and thread, where ours are smooth;
+* physics: one energy (``ENERGY_KEV``, with ``xraydb`` attenuation), Poisson quantum noise of
+  ``photons`` per unattenuated pixel, a Gaussian detector blur; no spectrum, no scatter, no heel,
+  no collimator, no image-intensifier circle, no burned-in text;
+* display: ``-log(I/I0)`` (metal bright) or ``I/I0`` (metal dark), a window from the 0.5th to the
+  99.5th percentile over the whole image, 8 or 16 bit;
+* the metal hint is written in half of the cases only (``run`` decides the polarity itself in
+  the others).
+
+The anatomy (``xray.ct_line_integrals`` of the example CT), the screw plans
+(``planning.plan_screws``) and the C-arm geometry (``simulate.make_view``) are the simulator's.
+Labels come from the same voxel screws (``xray.labels_from_path_lengths``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+VOXEL_MM = 0.6
+ENERGY_KEV = 65.0
+
+
+@contextlib.contextmanager
+def _binary_screw_voxels():
+    """While rendering: screw volumes of whole voxels (``supersample=1`` gives each voxel 0 or 1
+    from its centre) instead of the titanium fraction per voxel."""
+    from PedicleScrewPoseLib import screw
+
+    original = screw.attenuation_volume
+
+    def blocky(spec, voxel_mm=0.25, supersample=3):
+        return original(spec, voxel_mm, 1)
+
+    screw.attenuation_volume = blocky
+    try:
+        yield
+    finally:
+        screw.attenuation_volume = original
+
+
+def render(line_integrals: dict, screws, view, rng, metal: str, photons: float, blur_px: float,
+           bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8/uint16 [v, u], labels uint8 [v, u]) of one view."""
+    from PedicleScrewPoseLib import xray
+
+    with _binary_screw_voxels():
+        head, shaft = xray.screw_path_lengths(screws, view, voxel_mm=VOXEL_MM, method="joseph")
+    labels = xray.labels_from_path_lengths(head, shaft)
+    L = {m: v.float() for m, v in line_integrals.items()}
+    L["titanium"] = L.get("titanium", 0) + (head + shaft) * (xray._density("titanium") * 0.1)  # mm -> g/cm^2
+    E = np.array([ENERGY_KEV])
+    expo = sum(float(xray.mass_attenuation(m, E)[0]) * L[m] for m in L)
+    # Poisson counts (normal approximation beyond 50 photons), then the detector's blur.
+    lam = photons * torch.exp(-expo)
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    counts = torch.clamp(lam + torch.sqrt(lam) * torch.randn(lam.shape, generator=g), min=0.5)
+    rel = counts.numpy() / photons
+    if blur_px > 0:
+        rel = ndimage.gaussian_filter(rel, blur_px, mode="nearest")
+    img = -np.log(rel) if metal == "bright" else rel
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    y = np.clip((img - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    top = 255 if bits == 8 else 65535
+    out = np.round(y * top).astype(np.uint8 if bits == 8 else np.uint16)
+    return out, labels.cpu().numpy().astype(np.uint8) if hasattr(labels, "cpu") else np.asarray(labels, np.uint8)
+
+
+def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"), image_size: int = 512,
+                  cache: dict | None = None) -> dict:
+    """One case folder (CASE_FORMAT.md) from this renderer; the same layout as ``simulate.simulate_case``."""
+    from PedicleScrewPoseLib import io, planning, simulate, xray
+
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    present = simulate._levels_present(labels)
+    n = max(1, min(int(rng.integers(4, 7)), len(present)))
+    start = int(rng.integers(0, len(present) - n + 1))
+    levels = tuple(present[start:start + n])
+    screws = planning.plan_screws(labels, ct, levels=levels, rng=rng, misplacement=0.2)
+    if not screws:
+        raise ValueError(f"no screw could be planned at levels {list(levels)}")
+    iso = np.array([(s.entry_mm + s.tip_mm) / 2 for s in screws]).mean(axis=0) + rng.normal(0.0, 5.0, 3)
+    cache = {} if cache is None else cache
+    if "pct" not in cache:
+        cache["pct"] = xray.prepare_ct(ct, extend_mm=80.0)
+    metal = "bright" if rng.random() < 0.5 else "dark"
+    hint = bool(rng.random() < 0.5)
+    bits = 8 if rng.random() < 0.5 else 16
+    photons = float(np.exp(rng.uniform(np.log(300.0), np.log(20000.0))))
+    blur_px = float(rng.uniform(0.0, 1.2))
+    views, images, label_maps, per_view = [], [], {}, []
+    for name in view_names:
+        view = simulate.make_view(name, iso, rng, image_size=image_size, realistic=True)
+        li = xray.ct_line_integrals(cache["pct"], view)
+        img, lab = render(li, screws, view, rng, metal, photons * (0.5 if "LAT" in view.name else 1.0), blur_px, bits)
+        view = dataclasses.replace(view, metal=metal if hint else None)
+        views.append(view)
+        images.append(img)
+        label_maps[view.name] = lab
+        per_view.append({"name": view.name, "params": {"renderer": "bench/voxel_render.py", "metal": metal,
+                                                       "photons": photons, "blur_px": blur_px, "bits": bits,
+                                                       "energy_kev": ENERGY_KEV, "voxel_mm": VOXEL_MM}})
+    implants = [{"diameter_mm": float(s.spec.diameter_mm), "length_mm": float(s.spec.length_mm)} for s in screws]
+    implants = [implants[i] for i in rng.permutation(len(implants))]
+    io.write_case(out_dir, views, images, implants=implants,
+                  extra={"simulator": {"renderer": "bench/voxel_render.py", "seed": int(seed), "levels": list(levels)}})
+    io.write_truth(out_dir, screws, label_maps, extra={"views": per_view, "isocenter_mm": [float(x) for x in iso]})
+    return {"case_dir": str(out_dir), "n_screws": len(screws)}
