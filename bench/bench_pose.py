@@ -32,8 +32,13 @@
   so that the pipeline is not tuned to one foreign design.
   The segmentation network saw heads and tips of 0.75-1.3x our proportions in training.
 
+* ``--renderer voxel``: cases from a second, plain renderer (``bench/voxel_render.py``: screws as
+  binary voxels, one energy, Poisson noise, ``-log`` or linear-intensity display, the metal hint in
+  half of the cases), seeds ``VOXEL_RENDERER_SEED_BASE + i``, with any ``--screw-design``: how the
+  pipeline fares on images that neither the training compositor nor the simulator made.
+
 Writes ``bench/results/pose.json`` (``pose_low_profile.json``, ``pose_tall_blunt.json`` for the
-other designs).
+other designs, ``pose_voxel.json`` and ``pose_voxel_low_profile.json`` for the second renderer).
 """
 from __future__ import annotations
 

@@ -80,8 +80,11 @@ def render(line_integrals: dict, screws, view, rng, metal: str, photons: float, 
 
 
 def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"), image_size: int = 512,
-                  cache: dict | None = None) -> dict:
-    """One case folder (CASE_FORMAT.md) from this renderer; the same layout as ``simulate.simulate_case``."""
+                  cache: dict | None = None, **fixed) -> dict:
+    """One case folder (CASE_FORMAT.md) from this renderer; the same layout as ``simulate.simulate_case``.
+
+    ``fixed``: any of ``metal``, ``hint``, ``bits``, ``photons``, ``blur_px`` set instead of drawn
+    (the draws still happen, so the rest of the case stays the same)."""
     from PedicleScrewPoseLib import io, planning, simulate, xray
 
     out_dir = Path(out_dir)
@@ -102,6 +105,11 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     bits = 8 if rng.random() < 0.5 else 16
     photons = float(np.exp(rng.uniform(np.log(300.0), np.log(20000.0))))
     blur_px = float(rng.uniform(0.0, 1.2))
+    metal = fixed.get("metal", metal)
+    hint = fixed.get("hint", hint)
+    bits = fixed.get("bits", bits)
+    photons = float(fixed.get("photons", photons))
+    blur_px = float(fixed.get("blur_px", blur_px))
     views, images, label_maps, per_view = [], [], {}, []
     for name in view_names:
         view = simulate.make_view(name, iso, rng, image_size=image_size, realistic=True)
