@@ -159,7 +159,7 @@ def test_clean_keeps_the_fit_of_one_screw_that_explains_its_metal(case_dir):
     assert any(k is short for k in pipeline._clean(good + [short]))
 
 
-def test_clean_merges_screws_whose_metal_would_overlap():
+def test_clean_merges_screws_whose_metal_would_overlap(monkeypatch):
     def est(entry, tip, conf, d=6.0):
         return pose.ScrewEstimate(entry_mm=np.array(entry, float), tip_mm=np.array(tip, float), diameter_mm=d,
                                   length_mm=40.0, head_diameter_mm=11.0, head_height_mm=12.0, tip_length_mm=3.0,
@@ -167,7 +167,7 @@ def test_clean_merges_screws_whose_metal_would_overlap():
 
     a = est([0, 0, 0], [0, 40, 0], 0.9)
     near = est([4.5, 0, 0], [4.5, 40, 0], 0.7)       # 4.5 mm apart, radii 3 + 3: one screw seen twice
-    thin = est([4.5, 0, 0], [4.5, 40, 0], 0.7, d=2.0)  # radii 3 + 1: apart, and over DUPLICATE_MM
+    thin = est([6.0, 0, 0], [6.0, 40, 0], 0.7, d=2.0)  # radii 3 + 1: apart, and over SAME_ENTRY_MM
     other = est([30, 0, 0], [30, 40, 0], 0.8)         # the bilateral partner
     weak = est([60, 0, 0], [60, 40, 0], pipeline.MIN_CONFIDENCE - 0.01)
     kept = pipeline._clean([near, a, other, weak])
@@ -177,6 +177,13 @@ def test_clean_merges_screws_whose_metal_would_overlap():
     short = est([0.5, 0, 0], [0.5, 30, 0], 0.6)
     short.length_mm = 30.0
     assert pipeline._clean([a, short]) == [a]
+    # Or fitted twice from one entry, 22 deg apart (seen end-on in AP): the shafts share less than
+    # SAME_SCREW_OVERLAP of their metal, but no two heads fit 2.7 mm apart.
+    turned = est([2.7, 0, 0], [2.7 + 40 * np.sin(np.radians(22)), 40 * np.cos(np.radians(22)), 0], 0.6)
+    assert pipeline._clean([a, turned]) == [a]
+    monkeypatch.setattr(pipeline, "SAME_ENTRY_MM", 0.0)
+    assert pipeline._clean([a, turned]) == [a, turned]  # the overlap rule alone keeps both
+    monkeypatch.undo()
     # Or slid 9 mm along its axis (metal shared along 31 of 40 mm); 25 mm along, they are two.
     slid = est([0, 9, 0], [0, 49, 0], 0.6)
     assert pipeline._clean([a, slid]) == [a]
