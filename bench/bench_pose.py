@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--screw-design", choices=("ours", "low-profile", "tall-blunt"), default="ours")
     ap.add_argument("--renderer", choices=("ours", "voxel"), default="ours",
                     help="voxel: the plain second renderer of bench/voxel_render.py (voxel screws, one energy)")
-    ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-DESIGN]")
-    ap.add_argument("--out", default=None, help="default bench/results/pose[_DESIGN].json")
+    ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-RENDERER][-DESIGN]")
+    ap.add_argument("--out", default=None, help="default bench/results/pose[_RENDERER][_DESIGN].json")
     ap.add_argument("--modes", default="truth,network")
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         "test_set": {"n_cases": len(names), "seed_base": seed_base, "views": list(VIEW_NAMES),
                      "screw_design": args.screw_design,
                      "image_size": args.image_size,
-                     "simulator": ("bench/voxel_render.py (voxel screws, one energy, log display)"
+                     "simulator": ("bench/voxel_render.py (voxel screws, one energy, log or linear display)"
                                    if args.renderer == "voxel" else "simulate.simulate_case(realistic=True)"),
                      "cases": str(cases_dir)},
         "targets": {"recall": 0.98, "precision": 0.98, "angle_deg_median": 1.0, "segment_mm_median": 1.0,

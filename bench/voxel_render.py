@@ -76,7 +76,7 @@ def render(line_integrals: dict, screws, view, rng, metal: str, photons: float, 
     y = np.clip((img - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     top = 255 if bits == 8 else 65535
     out = np.round(y * top).astype(np.uint8 if bits == 8 else np.uint16)
-    return out, labels.cpu().numpy().astype(np.uint8) if hasattr(labels, "cpu") else np.asarray(labels, np.uint8)
+    return out, labels
 
 
 def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"), image_size: int = 512,

@@ -307,9 +307,8 @@ def _entry_ahead_of_neighbours_mm(estimates) -> list[float]:
 
 def _same_screw(a, b) -> bool:
     """Whether two fitted screws are one: ends within DUPLICATE_MM, entries within SAME_ENTRY_MM,
-    or their metal would overlap
-    along :data:`SAME_SCREW_OVERLAP` or more of the shorter shaft (its axis within the summed
-    radii of the other's axis segment), which no two real screws do."""
+    or their metal overlapping along :data:`SAME_SCREW_OVERLAP` or more of the shorter shaft (its
+    axis within the summed radii of the other's axis segment), which no two real screws do."""
     if max(np.linalg.norm(a.entry_mm - b.entry_mm), np.linalg.norm(a.tip_mm - b.tip_mm)) < DUPLICATE_MM:
         return True
     if np.linalg.norm(a.entry_mm - b.entry_mm) < SAME_ENTRY_MM:

@@ -80,8 +80,7 @@ LOCAL_WINDOW_MM = 12.0
 LOCAL_PASS = True
 #: Where metal may be dark (hint "dark", or no hint), :func:`segment` also tries the image as
 #: if it were linear in detected intensity (a raw detector image, or a renderer's ``I/I0``):
-#: its log (:func:`attenuation_from_intensity`), metal bright; the answer with more confident
-#: screw evidence is kept, as for the polarity.  In such an image the dense anatomy of a lateral
+#: its log (:func:`attenuation_from_intensity`), metal bright.  In such an image the dense anatomy of a lateral
 #: view is squeezed into the last few grey levels above black: on the plain second renderer's
 #: lateral views shown that way (bench/voxel_render.py, 3 cases, 8 bit) the mean Dice
 #: head / shaft went from 0.31 / 0.46 to 0.75 / 0.86.  It is kept only with
@@ -93,6 +92,8 @@ LOCAL_PASS = True
 #: bit) its log made blobs of the noise at the dark end: screw evidence 1.54x, shaft 0.31x.
 INTENSITY_CANDIDATE = True
 INTENSITY_MARGIN = 1.5
+#: The name of that third reading, beside "bright" and "dark".
+INTENSITY = "intensity"
 #: Arithmetic of the network at inference: "auto" runs it in bfloat16 on a CPU that does
 #: bfloat16 in hardware (AVX512-BF16 or AMX: ~2x faster, labels equal to float32's on all but
 #: ~0.05% of pixels, mean Dice within 0.002 on the pose-benchmark views) and in float32
@@ -229,7 +230,9 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
     Automatic polarity: the network runs on both polarities and the one with
     more confident screw evidence is kept (a wrong polarity shows metal as the
     least attenuating thing in the image, which the network does not call a
-    screw).  ``mirror``: average with the network's answer on the left-right
+    screw).  Where metal may be dark (hint "dark" or none), the image is also read as linear in
+    intensity (:data:`INTENSITY_CANDIDATE`), kept only when clearly better.  ``mirror``: average
+    with the network's answer on the left-right
     mirrored image (in the kept polarity only): one more pass per image, and on the
     held-out test set about +0.02 mean Dice per class (see the model card).  ``local``
     (default :data:`LOCAL_PASS`): average with the answer on the image in a local window
@@ -287,15 +290,14 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         if INTENSITY_CANDIDATE and hint in (None, "dark"):
             polarities.append(INTENSITY)
         scale = work_scale(arr.shape, s_mm, target)
-        fields: dict = {}
+        fields: dict = {}  # the exposed field by reading: {False: as stored, True: intensity}
         for pol in polarities:
             src, metal_of_src = _as_displayed(arr, pol)
             # The exposed field is black as stored, whatever the polarity: found once on the
             # stored image.  The intensity reading finds its own: there the dense anatomy is
             # black as stored and would pass for an unexposed surround.
-            known = fields.get("intensity" if pol == INTENSITY else "stored")
-            x, info = preprocess(src, metal=metal_of_src, return_info=True, field=known)
-            fields["intensity" if pol == INTENSITY else "stored"] = info["field"]
+            x, info = preprocess(src, metal=metal_of_src, return_info=True, field=fields.get(pol == INTENSITY))
+            fields[pol == INTENSITY] = info["field"]
             if info["constant"]:
                 break
             work.append((i, pol, _to_work_size(x, scale), arr.shape))
@@ -323,9 +325,8 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         # shaft evidence alike: its log spreads out the noise at the dark end too, into
         # head-sized blobs (on one of our dark log displays it gained evidence so, and lost
         # screws), while a screw is mostly shaft.
-        margin = INTENSITY_MARGIN
-        if i not in best or (_screw_evidence(p) > margin * best[i][0]
-                             and _shaft_evidence(p) > margin * _shaft_evidence(best[i][1])):
+        if i not in best or (_screw_evidence(p) > INTENSITY_MARGIN * best[i][0]
+                             and _shaft_evidence(p) > INTENSITY_MARGIN * _shaft_evidence(best[i][1])):
             best[i] = (_screw_evidence(p), p, INTENSITY, shape)
     best = {i: (score, _resize_probs(p, shape), pol) for i, (score, p, pol, shape) in best.items()}
     # Further passes in the kept polarity, averaged with the first: the mirrored image, and
@@ -340,7 +341,7 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         for i, pol, _x, shape in keep:
             arr, scale, fields = per_image[i]
             src, metal_of_src = _as_displayed(arr, pol)
-            field = fields["intensity" if pol == INTENSITY else "stored"]
+            field = fields[pol == INTENSITY]
             sigma_px = LOCAL_WINDOW_MM / _pixel_mm(arr.shape, spacings[i])
             xl = _to_work_size(preprocess(local_contrast(src, field, sigma_px), metal=metal_of_src, field=field),
                                scale)
@@ -529,10 +530,6 @@ def _run_network(model, inputs, device, batch_size):
     return out
 
 
-#: The third reading of an image besides metal bright / dark (see :data:`INTENSITY_CANDIDATE`).
-INTENSITY = "intensity"
-
-
 def attenuation_from_intensity(image) -> np.ndarray:
     """``-log`` of an image taken as linear in detected intensity (metal dark), so that metal and
     bone come out bright and the dark end is spread out.  The image's minimum maps to an offset
@@ -554,18 +551,18 @@ def _as_displayed(arr: np.ndarray, reading: str) -> tuple[np.ndarray, str]:
     return arr, reading
 
 
+def _confident_sum(q: np.ndarray) -> float:
+    return float(q[q > 0.5].sum())
+
+
 def _screw_evidence(p: np.ndarray) -> float:
     """Confident screw evidence: sum of (1 - p_background) over pixels the network calls screw."""
-    fg = 1.0 - p[0]
-    conf = fg[fg > 0.5]
-    return float(conf.sum()) if conf.size else 0.0
+    return _confident_sum(1.0 - p[0])
 
 
 def _shaft_evidence(p: np.ndarray) -> float:
-    """Confident shaft evidence: sum of p_shaft over pixels the network calls shaft."""
-    sh = p[2]
-    conf = sh[sh > 0.5]
-    return float(conf.sum()) if conf.size else 0.0
+    """Confident shaft evidence: sum of p_shaft over pixels where it passes 0.5."""
+    return _confident_sum(p[2])
 
 
 def labels_from_probabilities(probs) -> np.ndarray:
