@@ -64,7 +64,7 @@ def render(line_integrals: dict, screws, view, rng, metal: str, photons: float, 
     L["titanium"] = L.get("titanium", 0) + (head + shaft) * (xray._density("titanium") * 0.1)  # mm -> g/cm^2
     E = np.array([ENERGY_KEV])
     expo = sum(float(xray.mass_attenuation(m, E)[0]) * L[m] for m in L)
-    # Poisson counts (normal approximation beyond 50 photons), then the detector's blur.
+    # Poisson counts (their normal approximation, floored at half a photon), then the detector's blur.
     lam = photons * torch.exp(-expo)
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
     counts = torch.clamp(lam + torch.sqrt(lam) * torch.randn(lam.shape, generator=g), min=0.5)
@@ -100,16 +100,16 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     cache = {} if cache is None else cache
     if "pct" not in cache:
         cache["pct"] = xray.prepare_ct(ct, extend_mm=80.0)
-    metal = "bright" if rng.random() < 0.5 else "dark"
-    hint = bool(rng.random() < 0.5)
-    bits = 8 if rng.random() < 0.5 else 16
-    photons = float(np.exp(rng.uniform(np.log(300.0), np.log(20000.0))))
-    blur_px = float(rng.uniform(0.0, 1.2))
-    metal = fixed.get("metal", metal)
-    hint = fixed.get("hint", hint)
-    bits = fixed.get("bits", bits)
-    photons = float(fixed.get("photons", photons))
-    blur_px = float(fixed.get("blur_px", blur_px))
+    drawn = {"metal": "bright" if rng.random() < 0.5 else "dark", "hint": bool(rng.random() < 0.5),
+             "bits": 8 if rng.random() < 0.5 else 16,
+             "photons": float(np.exp(rng.uniform(np.log(300.0), np.log(20000.0)))),
+             "blur_px": float(rng.uniform(0.0, 1.2))}
+    unknown = set(fixed) - set(drawn)
+    if unknown:
+        raise ValueError(f"simulate_case: unknown settings {sorted(unknown)}; fix any of {sorted(drawn)}")
+    drawn.update(fixed)
+    metal, hint, bits = drawn["metal"], drawn["hint"], drawn["bits"]
+    photons, blur_px = float(drawn["photons"]), float(drawn["blur_px"])
     views, images, label_maps, per_view = [], [], {}, []
     for name in view_names:
         view = simulate.make_view(name, iso, rng, image_size=image_size, realistic=True)

@@ -31,10 +31,9 @@ MIN_CONFIDENCE = 0.4
 #: views they were matched in are not refined at all: no correct screw started below 0.35
 #: (truth or network maps, 16 bench cases), while 20% of the wrong pairings did.
 MIN_INITIAL_CONFIDENCE = 0.3
-#: Two screws closer than this (max of entry and tip distance, mm) after refinement are one.
-DUPLICATE_MM = 3.0
 #: Two screws whose entries (where shaft meets head) are closer than this (mm) are one, however
 #: their axes differ: two heads of 7 mm or more (pose.HEAD_DIAMETER_RANGE_MM) cannot sit there.
+#: (It replaced a rule with both ends within 3 mm, which it contains.)
 #: Two fits of one screw seen nearly end-on in AP can share the entry and part 15-25 deg
 #: (their shafts then overlap along less than SAME_SCREW_OVERLAP).  Second renderer, 12 probe
 #: cases (4 scenes rendered 3 ways), AP + lateral: precision 0.919 -> 0.979, recall 0.993 ->
@@ -306,11 +305,8 @@ def _entry_ahead_of_neighbours_mm(estimates) -> list[float]:
 
 
 def _same_screw(a, b) -> bool:
-    """Whether two fitted screws are one: ends within DUPLICATE_MM, entries within SAME_ENTRY_MM,
-    or their metal overlapping along :data:`SAME_SCREW_OVERLAP` or more of the shorter shaft (its
+    """Whether two fitted screws are one: entries within SAME_ENTRY_MM, or their metal overlapping along :data:`SAME_SCREW_OVERLAP` or more of the shorter shaft (its
     axis within the summed radii of the other's axis segment), which no two real screws do."""
-    if max(np.linalg.norm(a.entry_mm - b.entry_mm), np.linalg.norm(a.tip_mm - b.tip_mm)) < DUPLICATE_MM:
-        return True
     if np.linalg.norm(a.entry_mm - b.entry_mm) < SAME_ENTRY_MM:
         return True
     reach = 0.5 * (float(a.diameter_mm) + float(b.diameter_mm))

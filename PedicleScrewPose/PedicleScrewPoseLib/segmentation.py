@@ -291,8 +291,9 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
             polarities.append(INTENSITY)
         scale = work_scale(arr.shape, s_mm, target)
         fields: dict = {}  # the exposed field by reading: {False: as stored, True: intensity}
+        shown: dict = {}   # reading -> (image, metal hint for preprocess), for the further passes
         for pol in polarities:
-            src, metal_of_src = _as_displayed(arr, pol)
+            src, metal_of_src = shown[pol] = _as_displayed(arr, pol)
             # The exposed field is black as stored, whatever the polarity: found once on the
             # stored image.  The intensity reading finds its own: there the dense anatomy is
             # black as stored and would pass for an unexposed surround.
@@ -301,7 +302,7 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
             if info["constant"]:
                 break
             work.append((i, pol, _to_work_size(x, scale), arr.shape))
-        per_image.append((arr, scale, fields))
+        per_image.append((arr, scale, fields, shown))
         if not work or work[-1][0] != i:
             # constant (or fieldless) image: nothing to see → all background
             p = np.zeros((3,) + arr.shape, np.float32)
@@ -339,8 +340,8 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         extra += [(i, np.ascontiguousarray(x[:, ::-1]), shape, True) for i, _pol, x, shape in keep]
     if LOCAL_PASS if local is None else local:
         for i, pol, _x, shape in keep:
-            arr, scale, fields = per_image[i]
-            src, metal_of_src = _as_displayed(arr, pol)
+            arr, scale, fields, shown = per_image[i]
+            src, metal_of_src = shown[pol]  # the intensity reading's log is not taken twice
             field = fields[pol == INTENSITY]
             sigma_px = LOCAL_WINDOW_MM / _pixel_mm(arr.shape, spacings[i])
             xl = _to_work_size(preprocess(local_contrast(src, field, sigma_px), metal=metal_of_src, field=field),
