@@ -36,9 +36,12 @@
   binary voxels, one energy, Poisson noise, ``-log`` or linear-intensity display, the metal hint in
   half of the cases), seeds ``VOXEL_RENDERER_SEED_BASE + i``, with any ``--screw-design``: how the
   pipeline fares on images that neither the training compositor nor the simulator made.
+  ``--renderer voxel-raw``: the same, with every view a raw detector image (linear in intensity,
+  metal dark, 16 bit) and no metal hint, seeds ``VOXEL_RAW_SEED_BASE + i``.
 
 Writes ``bench/results/pose.json`` (``pose_low_profile.json``, ``pose_tall_blunt.json`` for the
-other designs, ``pose_voxel.json`` and ``pose_voxel_low_profile.json`` for the second renderer).
+other designs, ``pose_voxel.json``, ``pose_voxel_low_profile.json`` and ``pose_voxel_raw.json``
+for the second renderer).
 """
 from __future__ import annotations
 
@@ -60,6 +63,11 @@ OTHER_DESIGN_SEED_BASE = 93_000_000
 THIRD_DESIGN_SEED_BASE = 94_000_000
 #: ``--renderer voxel`` (bench/voxel_render.py), whatever the design.
 VOXEL_RENDERER_SEED_BASE = 99_000_000
+#: ``--renderer voxel-raw``: the same renderer, every view as a raw detector image (linear in
+#: intensity, metal dark, 16 bit) and no metal hint.
+VOXEL_RAW_SEED_BASE = 99_800_000
+#: Settings of bench/voxel_render.py that each renderer choice fixes.
+RENDERER_SETTINGS = {"ours": None, "voxel": {}, "voxel-raw": {"metal": "dark", "bits": 16, "hint": False}}
 #: Cases for tuning the pipeline's gates, kept apart from the test set (``--seed-base``).
 TUNING_SEED_BASE = 95_000_000
 VIEW_NAMES = ("ap", "lat", "obl")
@@ -69,8 +77,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-cases", type=int, default=30)
     ap.add_argument("--screw-design", choices=("ours", "low-profile", "tall-blunt"), default="ours")
-    ap.add_argument("--renderer", choices=("ours", "voxel"), default="ours",
-                    help="voxel: the plain second renderer of bench/voxel_render.py (voxel screws, one energy)")
+    ap.add_argument("--renderer", choices=tuple(RENDERER_SETTINGS), default="ours",
+                    help="voxel: the plain second renderer of bench/voxel_render.py (voxel screws, one energy); "
+                         "voxel-raw: the same with every view a raw detector image (linear in intensity, metal dark, "
+                         "16 bit) and no metal hint")
     ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-RENDERER][-DESIGN]")
     ap.add_argument("--out", default=None, help="default bench/results/pose[_RENDERER][_DESIGN].json")
     ap.add_argument("--modes", default="truth,network")
@@ -102,8 +112,8 @@ def main(argv=None) -> int:
     args.out = args.out or str(HERE / "results" / ("_".join(["pose"] + tags).replace("-", "_") + ".json"))
     seed_base = {"ours": SEED_BASE, "low-profile": OTHER_DESIGN_SEED_BASE,
                  "tall-blunt": THIRD_DESIGN_SEED_BASE}[args.screw_design]
-    if args.renderer == "voxel":
-        seed_base = VOXEL_RENDERER_SEED_BASE
+    if args.renderer != "ours":
+        seed_base = VOXEL_RENDERER_SEED_BASE if args.renderer == "voxel" else VOXEL_RAW_SEED_BASE
     if args.seed_base is not None:
         seed_base = args.seed_base
     cases_dir = cache / "cases"
@@ -138,11 +148,12 @@ def main(argv=None) -> int:
 
                 shutil.rmtree(d)  # an interrupted case
             with _screw_design(args.screw_design):
-                if args.renderer == "voxel":
+                if args.renderer != "ours":
                     import voxel_render
 
                     voxel_render.simulate_case(d, ct, labels, seed=seed_base + i, view_names=VIEW_NAMES,
-                                               image_size=args.image_size, cache=sim_cache)
+                                               image_size=args.image_size, cache=sim_cache,
+                                               **RENDERER_SETTINGS[args.renderer])
                 else:
                     simulate.simulate_case(d, ct, labels, seed=seed_base + i, view_names=VIEW_NAMES,
                                            image_size=args.image_size, realistic=True, device=args.device,
@@ -197,8 +208,9 @@ def main(argv=None) -> int:
         "test_set": {"n_cases": len(names), "seed_base": seed_base, "views": list(VIEW_NAMES),
                      "screw_design": args.screw_design,
                      "image_size": args.image_size,
-                     "simulator": ("bench/voxel_render.py (voxel screws, one energy, log or linear display)"
-                                   if args.renderer == "voxel" else "simulate.simulate_case(realistic=True)"),
+                     "simulator": ("simulate.simulate_case(realistic=True)" if args.renderer == "ours" else
+                                   "bench/voxel_render.py (voxel screws, one energy, log or linear display)"),
+                     "renderer_settings": RENDERER_SETTINGS[args.renderer],
                      "cases": str(cases_dir)},
         "targets": {"recall": 0.98, "precision": 0.98, "angle_deg_median": 1.0, "segment_mm_median": 1.0,
                     "angle_deg_p95": 2.0, "segment_mm_p95": 2.0, "run_s_8_screws_2_views_512": 10.0},
