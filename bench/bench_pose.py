@@ -38,10 +38,12 @@
   pipeline fares on images that neither the training compositor nor the simulator made.
   ``--renderer voxel-raw``: the same, with every view a raw detector image (linear in intensity,
   metal dark, 16 bit) and no metal hint, seeds ``VOXEL_RAW_SEED_BASE + i``.
+  ``--renderer voxel-cannulated``: the scenes of ``--renderer voxel``, every screw bored along its
+  axis (2 mm), as cannulated screws are.
 
 Writes ``bench/results/pose.json`` (``pose_low_profile.json``, ``pose_tall_blunt.json`` for the
-other designs, ``pose_voxel.json``, ``pose_voxel_low_profile.json`` and ``pose_voxel_raw.json``
-for the second renderer).
+other designs, ``pose_voxel.json``, ``pose_voxel_low_profile.json``, ``pose_voxel_raw.json`` and
+``pose_voxel_cannulated.json`` for the second renderer).
 """
 from __future__ import annotations
 
@@ -66,8 +68,13 @@ VOXEL_RENDERER_SEED_BASE = 99_000_000
 #: ``--renderer voxel-raw``: the same renderer, every view as a raw detector image (linear in
 #: intensity, metal dark, 16 bit) and no metal hint.
 VOXEL_RAW_SEED_BASE = 99_800_000
-#: Settings of bench/voxel_render.py that each renderer choice fixes.
-RENDERER_SETTINGS = {"ours": None, "voxel": {}, "voxel-raw": {"metal": "dark", "bits": 16, "hint": False}}
+#: Settings of bench/voxel_render.py that each renderer choice fixes, and its seeds.
+#: ``--renderer voxel-cannulated``: the scenes of ``--renderer voxel`` (the same seeds), with a
+#: channel of 2 mm bored along every screw's axis, as cannulated screws have.
+RENDERER_SETTINGS = {"ours": None, "voxel": {}, "voxel-raw": {"metal": "dark", "bits": 16, "hint": False},
+                     "voxel-cannulated": {"cannula_mm": 2.0}}
+RENDERER_SEED_BASES = {"voxel": VOXEL_RENDERER_SEED_BASE, "voxel-raw": VOXEL_RAW_SEED_BASE,
+                       "voxel-cannulated": VOXEL_RENDERER_SEED_BASE}
 #: Cases for tuning the pipeline's gates, kept apart from the test set (``--seed-base``).
 TUNING_SEED_BASE = 95_000_000
 VIEW_NAMES = ("ap", "lat", "obl")
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--renderer", choices=tuple(RENDERER_SETTINGS), default="ours",
                     help="voxel: the plain second renderer of bench/voxel_render.py (voxel screws, one energy); "
                          "voxel-raw: the same with every view a raw detector image (linear in intensity, metal dark, "
-                         "16 bit) and no metal hint")
+                         "16 bit) and no metal hint; voxel-cannulated: voxel's scenes with cannulated screws (2 mm bore)")
     ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-RENDERER][-DESIGN]")
     ap.add_argument("--out", default=None, help="default bench/results/pose[_RENDERER][_DESIGN].json")
     ap.add_argument("--modes", default="truth,network")
@@ -112,8 +119,7 @@ def main(argv=None) -> int:
     args.out = args.out or str(HERE / "results" / ("_".join(["pose"] + tags).replace("-", "_") + ".json"))
     seed_base = {"ours": SEED_BASE, "low-profile": OTHER_DESIGN_SEED_BASE,
                  "tall-blunt": THIRD_DESIGN_SEED_BASE}[args.screw_design]
-    if args.renderer != "ours":
-        seed_base = VOXEL_RENDERER_SEED_BASE if args.renderer == "voxel" else VOXEL_RAW_SEED_BASE
+    seed_base = RENDERER_SEED_BASES.get(args.renderer, seed_base)
     if args.seed_base is not None:
         seed_base = args.seed_base
     cases_dir = cache / "cases"

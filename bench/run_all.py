@@ -10,6 +10,7 @@ ORDER = [["bench_simulator.py"], ["bench_segmentation.py"], ["bench_pose.py"],
          ["bench_pose.py", "--renderer", "voxel", "--n-cases", "10", "--skip-timing"],
          ["bench_pose.py", "--renderer", "voxel", "--screw-design", "low-profile", "--n-cases", "10", "--skip-timing"],
          ["bench_pose.py", "--renderer", "voxel-raw", "--n-cases", "10", "--skip-timing"],
+         ["bench_pose.py", "--renderer", "voxel-cannulated", "--n-cases", "10", "--skip-timing"],
          ["bench_assessment.py"]]
 
 if __name__ == "__main__":

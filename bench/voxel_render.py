@@ -35,15 +35,24 @@ ENERGY_KEV = 65.0
 
 
 @contextlib.contextmanager
-def _binary_screw_voxels():
+def _binary_screw_voxels(cannula_mm: float = 0.0):
     """While rendering: screw volumes of whole voxels (``supersample=1`` gives each voxel 0 or 1
-    from its centre) instead of the titanium fraction per voxel."""
+    from its centre) instead of the titanium fraction per voxel.  ``cannula_mm`` > 0: a channel
+    of that diameter bored along the axis through head and shaft (a cannulated screw)."""
     from PedicleScrewPoseLib import screw
 
     original = screw.attenuation_volume
 
     def blocky(spec, voxel_mm=0.25, supersample=3):
-        return original(spec, voxel_mm, 1)
+        v = original(spec, voxel_mm, 1)
+        if cannula_mm <= 0:
+            return v
+        _nz, ny, nx = v.head.shape
+        x = v.origin_mm[0] + v.voxel_mm * np.arange(nx)
+        y = v.origin_mm[1] + v.voxel_mm * np.arange(ny)
+        bore = (x[None, :] ** 2 + y[:, None] ** 2 < (cannula_mm / 2) ** 2)[None]
+        return dataclasses.replace(v, head=np.where(bore, 0, v.head).astype(np.float32),
+                                   shaft=np.where(bore, 0, v.shaft).astype(np.float32))
 
     screw.attenuation_volume = blocky
     try:
@@ -53,11 +62,11 @@ def _binary_screw_voxels():
 
 
 def render(line_integrals: dict, screws, view, rng, metal: str, photons: float, blur_px: float,
-           bits: int) -> tuple[np.ndarray, np.ndarray]:
+           bits: int, cannula_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8/uint16 [v, u], labels uint8 [v, u]) of one view."""
     from PedicleScrewPoseLib import xray
 
-    with _binary_screw_voxels():
+    with _binary_screw_voxels(cannula_mm):
         head, shaft = xray.screw_path_lengths(screws, view, voxel_mm=VOXEL_MM, method="joseph")
     labels = xray.labels_from_path_lengths(head, shaft)
     L = {m: v.float() for m, v in line_integrals.items()}
@@ -84,7 +93,8 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     """One case folder (CASE_FORMAT.md) from this renderer; the same layout as ``simulate.simulate_case``.
 
     ``fixed``: any of ``metal``, ``hint``, ``bits``, ``photons``, ``blur_px`` set instead of drawn
-    (the draws still happen, so the rest of the case stays the same)."""
+    (the draws still happen, so the rest of the case stays the same), and ``cannula_mm`` (never
+    drawn; 0: solid screws)."""
     from PedicleScrewPoseLib import io, planning, simulate, xray
 
     out_dir = Path(out_dir)
@@ -103,7 +113,7 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     drawn = {"metal": "bright" if rng.random() < 0.5 else "dark", "hint": bool(rng.random() < 0.5),
              "bits": 8 if rng.random() < 0.5 else 16,
              "photons": float(np.exp(rng.uniform(np.log(300.0), np.log(20000.0)))),
-             "blur_px": float(rng.uniform(0.0, 1.2))}
+             "blur_px": float(rng.uniform(0.0, 1.2)), "cannula_mm": 0.0}
     unknown = set(fixed) - set(drawn)
     if unknown:
         raise ValueError(f"simulate_case: unknown settings {sorted(unknown)}; fix any of {sorted(drawn)}")
@@ -114,14 +124,16 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     for name in view_names:
         view = simulate.make_view(name, iso, rng, image_size=image_size, realistic=True)
         li = xray.ct_line_integrals(cache["pct"], view)
-        img, lab = render(li, screws, view, rng, metal, photons * (0.5 if "LAT" in view.name else 1.0), blur_px, bits)
+        img, lab = render(li, screws, view, rng, metal, photons * (0.5 if "LAT" in view.name else 1.0), blur_px, bits,
+                          float(drawn["cannula_mm"]))
         view = dataclasses.replace(view, metal=metal if hint else None)
         views.append(view)
         images.append(img)
         label_maps[view.name] = lab
         per_view.append({"name": view.name, "params": {"renderer": "bench/voxel_render.py", "metal": metal,
                                                        "photons": photons, "blur_px": blur_px, "bits": bits,
-                                                       "energy_kev": ENERGY_KEV, "voxel_mm": VOXEL_MM}})
+                                                       "energy_kev": ENERGY_KEV, "voxel_mm": VOXEL_MM,
+                                                       "cannula_mm": float(drawn["cannula_mm"])}})
     implants = [{"diameter_mm": float(s.spec.diameter_mm), "length_mm": float(s.spec.length_mm)} for s in screws]
     implants = [implants[i] for i in rng.permutation(len(implants))]
     io.write_case(out_dir, views, images, implants=implants,
