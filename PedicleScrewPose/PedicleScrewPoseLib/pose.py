@@ -694,6 +694,8 @@ def _swap_sizes(views, rays, targets, estimates, device, max_rounds=2, pool=()):
     """
     est = list(estimates)
     pool = list(pool)
+    if not est:
+        return est
     # Every trial is scored on the same pixels: each screw's band at the longest and widest
     # size it could take.  Scored on its own bands (before session 23), a shorter screw left
     # the shaft evidence beyond its tip out of the sum and out of the norm, and each trial
@@ -701,9 +703,10 @@ def _swap_sizes(views, rays, targets, estimates, device, max_rounds=2, pool=()):
     # design (16) recall / precision 0.750 / 0.831 -> 0.787 / 0.860, segment median 1.82 ->
     # 1.61 mm; ours (20) unchanged, 0.840 / 0.918; low-profile (30) 0.789 / 0.900 -> 0.786 /
     # 0.893; pipeline time 8-21% less.
-    sizes = _log_sizes([{"diameter_mm": e.diameter_mm, "length_mm": e.length_mm} for e in est]) + pool
+    sizes = [(e.diameter_mm, e.length_mm) for e in est] + pool
     d_max, L_max = max(d for d, _L in sizes), max(L for _d, L in sizes)
-    prob = _Problem(views, rays, targets, [e.with_size(d_max, L_max) for e in est], 2, 6, device)
+    prob = _Problem(views, rays, targets, [e.with_size(d_max, L_max) for e in est],
+                    stride=2, margin_px=6, device=device)  # _fit_loss's own stride and margin
 
     def loss_of(trial):
         return _fit_loss(views, rays, targets, trial, device, prob=prob)
