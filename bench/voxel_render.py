@@ -119,13 +119,13 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
         raise ValueError(f"simulate_case: unknown settings {sorted(unknown)}; fix any of {sorted(drawn)}")
     drawn.update(fixed)
     metal, hint, bits = drawn["metal"], drawn["hint"], drawn["bits"]
-    photons, blur_px = float(drawn["photons"]), float(drawn["blur_px"])
+    photons, blur_px, cannula_mm = float(drawn["photons"]), float(drawn["blur_px"]), float(drawn["cannula_mm"])
     views, images, label_maps, per_view = [], [], {}, []
     for name in view_names:
         view = simulate.make_view(name, iso, rng, image_size=image_size, realistic=True)
         li = xray.ct_line_integrals(cache["pct"], view)
         img, lab = render(li, screws, view, rng, metal, photons * (0.5 if "LAT" in view.name else 1.0), blur_px, bits,
-                          float(drawn["cannula_mm"]))
+                          cannula_mm)
         view = dataclasses.replace(view, metal=metal if hint else None)
         views.append(view)
         images.append(img)
@@ -133,7 +133,7 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
         per_view.append({"name": view.name, "params": {"renderer": "bench/voxel_render.py", "metal": metal,
                                                        "photons": photons, "blur_px": blur_px, "bits": bits,
                                                        "energy_kev": ENERGY_KEV, "voxel_mm": VOXEL_MM,
-                                                       "cannula_mm": float(drawn["cannula_mm"])}})
+                                                       "cannula_mm": cannula_mm}})
     implants = [{"diameter_mm": float(s.spec.diameter_mm), "length_mm": float(s.spec.length_mm)} for s in screws]
     implants = [implants[i] for i in rng.permutation(len(implants))]
     io.write_case(out_dir, views, images, implants=implants,

@@ -305,8 +305,9 @@ def _entry_ahead_of_neighbours_mm(estimates) -> list[float]:
 
 
 def _same_screw(a, b) -> bool:
-    """Whether two fitted screws are one: entries within SAME_ENTRY_MM, or their metal overlapping along :data:`SAME_SCREW_OVERLAP` or more of the shorter shaft (its
-    axis within the summed radii of the other's axis segment), which no two real screws do."""
+    """Whether two fitted screws are one: entries within :data:`SAME_ENTRY_MM`, or their metal
+    overlapping along :data:`SAME_SCREW_OVERLAP` or more of the shorter shaft (its axis within
+    the summed radii of the other's axis segment), which no two real screws do."""
     if np.linalg.norm(a.entry_mm - b.entry_mm) < SAME_ENTRY_MM:
         return True
     reach = 0.5 * (float(a.diameter_mm) + float(b.diameter_mm))

@@ -348,9 +348,10 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         # shaft evidence alike: its log spreads out the noise at the dark end too, into
         # head-sized blobs (on one of our dark log displays it gained evidence so, and lost
         # screws), while a screw is mostly shaft.
-        if i not in best or (_screw_evidence(p) > margins[i] * best[i][0]
+        screw = _screw_evidence(p)
+        if i not in best or (screw > margins[i] * best[i][0]
                              and _shaft_evidence(p) > margins[i] * _shaft_evidence(best[i][1])):
-            best[i] = (_screw_evidence(p), p, INTENSITY, shape)
+            best[i] = (screw, p, INTENSITY, shape)
     best = {i: (score, _resize_probs(p, shape), pol) for i, (score, p, pol, shape) in best.items()}
     # Further passes in the kept polarity, averaged with the first: the mirrored image, and
     # the image in a local window (see LOCAL_WINDOW_MM).
