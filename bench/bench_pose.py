@@ -68,13 +68,16 @@ VOXEL_RENDERER_SEED_BASE = 99_000_000
 #: ``--renderer voxel-raw``: the same renderer, every view as a raw detector image (linear in
 #: intensity, metal dark, 16 bit) and no metal hint.
 VOXEL_RAW_SEED_BASE = 99_800_000
+#: ``--renderer voxel-prone``: the same renderer with the operating room's C-arm geometry
+#: (``voxel_render.prone_view``: patient prone, source under the table, wider tilts, a 4:5 flat panel).
+VOXEL_PRONE_SEED_BASE = 99_700_000
 #: Settings of bench/voxel_render.py that each renderer choice fixes, and its seeds.
 #: ``--renderer voxel-cannulated``: the scenes of ``--renderer voxel`` (the same seeds), with a
 #: channel of 2 mm bored along every screw's axis, as cannulated screws have.
 RENDERER_SETTINGS = {"ours": None, "voxel": {}, "voxel-raw": {"metal": "dark", "bits": 16, "hint": False},
-                     "voxel-cannulated": {"cannula_mm": 2.0}}
+                     "voxel-cannulated": {"cannula_mm": 2.0}, "voxel-prone": {"geometry": "prone"}}
 RENDERER_SEED_BASES = {"voxel": VOXEL_RENDERER_SEED_BASE, "voxel-raw": VOXEL_RAW_SEED_BASE,
-                       "voxel-cannulated": VOXEL_RENDERER_SEED_BASE}
+                       "voxel-cannulated": VOXEL_RENDERER_SEED_BASE, "voxel-prone": VOXEL_PRONE_SEED_BASE}
 #: Cases for tuning the pipeline's gates, kept apart from the test set (``--seed-base``).
 TUNING_SEED_BASE = 95_000_000
 VIEW_NAMES = ("ap", "lat", "obl")
@@ -87,7 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--renderer", choices=tuple(RENDERER_SETTINGS), default="ours",
                     help="voxel: the plain second renderer of bench/voxel_render.py (voxel screws, one energy); "
                          "voxel-raw: the same with every view a raw detector image (linear in intensity, metal dark, "
-                         "16 bit) and no metal hint; voxel-cannulated: voxel's scenes with cannulated screws (2 mm bore)")
+                         "16 bit) and no metal hint; voxel-cannulated: voxel's scenes with cannulated screws (2 mm bore); "
+                         "voxel-prone: voxel with the operating room's C-arm geometry (patient prone, source "
+                         "under the table, wider tilts, a 4:5 flat panel)")
     ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-RENDERER][-DESIGN]")
     ap.add_argument("--out", default=None, help="default bench/results/pose[_RENDERER][_DESIGN].json")
     ap.add_argument("--modes", default="truth,network")

@@ -11,6 +11,10 @@ ORDER = [["bench_simulator.py"], ["bench_segmentation.py"], ["bench_pose.py"],
          ["bench_pose.py", "--renderer", "voxel", "--screw-design", "low-profile", "--n-cases", "10", "--skip-timing"],
          ["bench_pose.py", "--renderer", "voxel-raw", "--n-cases", "10", "--skip-timing"],
          ["bench_pose.py", "--renderer", "voxel-cannulated", "--n-cases", "10", "--skip-timing"],
+         ["bench_pose.py", "--renderer", "voxel", "--screw-design", "tall-blunt", "--n-cases", "10", "--skip-timing"],
+         ["bench_pose.py", "--renderer", "voxel-prone", "--n-cases", "10", "--skip-timing"],
+         ["bench_pose.py", "--renderer", "voxel-prone", "--screw-design", "tall-blunt", "--n-cases", "10",
+          "--skip-timing"],
          ["bench_assessment.py"]]
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ this one differs from ``xray.render_view`` (and from the training compositor) in
   the others).
 
 The anatomy (``xray.ct_line_integrals`` of the example CT), the screw plans
-(``planning.plan_screws``) and the C-arm geometry (``simulate.make_view``) are the simulator's.
+(``planning.plan_screws``) and the C-arm geometry (``simulate.make_view``) are the simulator's,
+unless ``geometry="prone"`` (``prone_view``: the operating room's geometry, which the simulator
+does not draw).
 Labels come from the same voxel screws (``xray.labels_from_path_lengths``).
 """
 from __future__ import annotations
@@ -88,13 +90,40 @@ def render(line_integrals: dict, screws, view, rng, metal: str, photons: float, 
     return out, labels
 
 
+def prone_view(name: str, isocenter_mm, rng, image_size: int):
+    """A C-arm view as in the operating room, unlike ``simulate.make_view``'s: the patient prone,
+    so the AP view has its source anterior (under the table) and its detector posterior; the
+    lateral from either side; wider tilts (cranial up to 12 degrees to square the endplates), a flat
+    panel of 300-400 mm at lower magnification, a detector 4:5 (``image_size`` wide), roll and
+    principal point further off."""
+    from PedicleScrewPoseLib import geometry
+
+    key = name.strip().lower()
+    if key == "ap":
+        lao, cranial = 180.0 + rng.uniform(-8.0, 8.0), rng.uniform(-12.0, 12.0)
+    elif key == "lat":
+        lao, cranial = float(rng.choice([-90.0, 90.0])) + rng.uniform(-8.0, 8.0), rng.uniform(-8.0, 8.0)
+    else:  # an oblique from either side of the AP
+        lao, cranial = 180.0 + float(rng.choice([-1.0, 1.0])) * rng.uniform(15.0, 35.0), rng.uniform(-10.0, 10.0)
+    sdd = float(rng.uniform(1100.0, 1250.0))
+    sid = float(sdd * rng.uniform(0.68, 0.80))
+    detector_mm = float(rng.uniform(300.0, 400.0))
+    width, height = int(image_size), int(round(image_size * 0.8))
+    return geometry.carm_view(name.strip().upper(), isocenter_mm=isocenter_mm, lao_deg=float(lao),
+                              cranial_deg=float(cranial), sid_mm=sid, sdd_mm=sdd, pixel_mm=detector_mm / width,
+                              width=width, height=height,
+                              principal_offset_px=tuple(float(x) for x in rng.uniform(-20.0, 20.0, 2)),
+                              detector_roll_deg=float(rng.uniform(-5.0, 5.0)))
+
+
 def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"), image_size: int = 512,
                   cache: dict | None = None, **fixed) -> dict:
     """One case folder (CASE_FORMAT.md) from this renderer; the same layout as ``simulate.simulate_case``.
 
     ``fixed``: any of ``metal``, ``hint``, ``bits``, ``photons``, ``blur_px`` set instead of drawn
-    (the draws still happen, so the rest of the case stays the same), and ``cannula_mm`` (never
-    drawn; 0: solid screws)."""
+    (the draws still happen, so the rest of the case stays the same), ``cannula_mm`` (never
+    drawn; 0: solid screws) and ``geometry`` (never drawn: "simulator", ``simulate.make_view``'s
+    views, or "prone", :func:`prone_view`'s)."""
     from PedicleScrewPoseLib import io, planning, simulate, xray
 
     out_dir = Path(out_dir)
@@ -113,16 +142,21 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     drawn = {"metal": "bright" if rng.random() < 0.5 else "dark", "hint": bool(rng.random() < 0.5),
              "bits": 8 if rng.random() < 0.5 else 16,
              "photons": float(np.exp(rng.uniform(np.log(300.0), np.log(20000.0)))),
-             "blur_px": float(rng.uniform(0.0, 1.2)), "cannula_mm": 0.0}
+             "blur_px": float(rng.uniform(0.0, 1.2)), "cannula_mm": 0.0, "geometry": "simulator"}
     unknown = set(fixed) - set(drawn)
     if unknown:
         raise ValueError(f"simulate_case: unknown settings {sorted(unknown)}; fix any of {sorted(drawn)}")
     drawn.update(fixed)
+    if drawn["geometry"] not in ("simulator", "prone"):
+        raise ValueError(f"simulate_case: geometry {drawn['geometry']!r}: use 'simulator' or 'prone'")
     metal, hint, bits = drawn["metal"], drawn["hint"], drawn["bits"]
     photons, blur_px, cannula_mm = float(drawn["photons"]), float(drawn["blur_px"]), float(drawn["cannula_mm"])
     views, images, label_maps, per_view = [], [], {}, []
     for name in view_names:
-        view = simulate.make_view(name, iso, rng, image_size=image_size, realistic=True)
+        if drawn["geometry"] == "prone":
+            view = prone_view(name, iso, rng, image_size)
+        else:
+            view = simulate.make_view(name, iso, rng, image_size=image_size, realistic=True)
         li = xray.ct_line_integrals(cache["pct"], view)
         img, lab = render(li, screws, view, rng, metal, photons * (0.5 if "LAT" in view.name else 1.0), blur_px, bits,
                           cannula_mm)
