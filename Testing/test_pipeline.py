@@ -96,6 +96,26 @@ def test_run_case_with_three_views_and_no_implant_log(tmp_path):
         assert set(s["views"]) == {"AP", "LAT", "OBL"}
 
 
+def test_run_in_the_operating_rooms_geometry(tmp_path):
+    """The patient prone: the AP view's source under the table (a PA projection) tilted 10 degrees
+    cranially, the lateral from the patient's right and 6 degrees off, 4:5 images, detector roll
+    and an off-centre principal point.  Nothing assumes the source's side or a square image."""
+    views = [geometry.carm_view("AP", isocenter_mm=ISO, lao_deg=180.0, cranial_deg=10.0, width=240, height=192,
+                                pixel_mm=1.3, principal_offset_px=(12.0, -9.0), detector_roll_deg=4.0),
+             geometry.carm_view("LAT", isocenter_mm=ISO, lao_deg=-84.0, cranial_deg=-5.0, width=240, height=192,
+                                pixel_mm=1.3, principal_offset_px=(-10.0, 6.0), detector_roll_deg=-3.0)]
+    case = io.read_case(write_small_case(tmp_path / "prone", bilateral(levels=2, seed=8), views=views))
+    probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
+    result = pipeline.run_case(case, probabilities=probs, assess=False)
+    ev = evaluation.evaluate(result, io.read_truth(case.root))
+    assert ev["recall"] == 1.0 and ev["precision"] == 1.0
+    assert ev["summary"]["angle_deg"]["median"] < 1.0
+    assert ev["summary"]["segment_mm"]["median"] < 1.0
+    for s in result["screws"]:
+        for name, px in s["views"].items():
+            assert 0 <= px["entry_px"][0] < 240 and 0 <= px["entry_px"][1] < 192
+
+
 def test_run_with_the_network(case_dir, tmp_path):
     out = tmp_path / "net"
     assert cli.main(["run", str(case_dir), "--out", str(out)]) == 0
