@@ -359,3 +359,17 @@ def test_bfloat16_inference_agrees_with_float32(model, simulated):
     assert segmentation.network_dtype("cpu", "auto") == expected
     with pytest.raises(ValueError, match="precision"):
         segmentation.segment([sv.image], model=model, precision="float16")
+
+
+def test_label_map_leaves_out_blobs_the_network_doubts():
+    """Arg-max labels, less the screw blobs whose most confident pixel stays under
+    LABEL_MIN_PEAK: a blob at 0.95 stays (head and shaft kept apart), one at 0.7 goes."""
+    p = np.zeros((3, 40, 60), np.float32)
+    p[0] = 1.0
+    p[:, 5:15, 5:12] = np.array([0.05, 0.9, 0.05])[:, None, None]   # head, confident
+    p[:, 5:15, 12:30] = np.array([0.05, 0.05, 0.9])[:, None, None]  # its shaft
+    p[:, 25:35, 35:55] = np.array([0.3, 0.0, 0.7])[:, None, None]   # a doubtful blob
+    labels = segmentation.labels_from_probabilities(p)
+    assert (labels[5:15, 5:12] == 1).all() and (labels[5:15, 12:30] == 2).all()
+    assert (labels[25:35, 35:55] == 0).all()
+    assert (segmentation.labels_from_probabilities(p, min_peak=0)[25:35, 35:55] == 2).all()
