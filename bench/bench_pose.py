@@ -90,9 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--renderer", choices=tuple(RENDERER_SETTINGS), default="ours",
                     help="voxel: the plain second renderer of bench/voxel_render.py (voxel screws, one energy); "
                          "voxel-raw: the same with every view a raw detector image (linear in intensity, metal dark, "
-                         "16 bit) and no metal hint; voxel-cannulated: voxel's scenes with cannulated screws (2 mm bore); "
-                         "voxel-prone: voxel with the operating room's C-arm geometry (patient prone, source "
-                         "under the table, wider tilts, a 4:5 flat panel)")
+                         "16 bit) and no metal hint; voxel-cannulated: voxel's scenes with cannulated screws "
+                         "(2 mm bore); voxel-prone: voxel with the operating room's C-arm geometry (patient prone, "
+                         "source under the table, wider tilts, a 4:5 flat panel)")
     ap.add_argument("--cache", default=None, help="default bench/.cache/pose[-RENDERER][-DESIGN]")
     ap.add_argument("--out", default=None, help="default bench/results/pose[_RENDERER][_DESIGN].json")
     ap.add_argument("--modes", default="truth,network")

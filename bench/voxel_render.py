@@ -126,6 +126,8 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     views, or "prone", :func:`prone_view`'s)."""
     from PedicleScrewPoseLib import io, planning, simulate, xray
 
+    if fixed.get("geometry", "simulator") not in ("simulator", "prone"):
+        raise ValueError(f"simulate_case: geometry {fixed['geometry']!r}: use 'simulator' or 'prone'")
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     present = simulate._levels_present(labels)
@@ -147,8 +149,6 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
     if unknown:
         raise ValueError(f"simulate_case: unknown settings {sorted(unknown)}; fix any of {sorted(drawn)}")
     drawn.update(fixed)
-    if drawn["geometry"] not in ("simulator", "prone"):
-        raise ValueError(f"simulate_case: geometry {drawn['geometry']!r}: use 'simulator' or 'prone'")
     metal, hint, bits = drawn["metal"], drawn["hint"], drawn["bits"]
     photons, blur_px, cannula_mm = float(drawn["photons"]), float(drawn["blur_px"]), float(drawn["cannula_mm"])
     views, images, label_maps, per_view = [], [], {}, []
@@ -167,7 +167,7 @@ def simulate_case(out_dir, ct, labels, seed: int, view_names=("ap", "lat", "obl"
         per_view.append({"name": view.name, "params": {"renderer": "bench/voxel_render.py", "metal": metal,
                                                        "photons": photons, "blur_px": blur_px, "bits": bits,
                                                        "energy_kev": ENERGY_KEV, "voxel_mm": VOXEL_MM,
-                                                       "cannula_mm": cannula_mm}})
+                                                       "cannula_mm": cannula_mm, "geometry": drawn["geometry"]}})
     implants = [{"diameter_mm": float(s.spec.diameter_mm), "length_mm": float(s.spec.length_mm)} for s in screws]
     implants = [implants[i] for i in rng.permutation(len(implants))]
     io.write_case(out_dir, views, images, implants=implants,
