@@ -100,6 +100,33 @@ def test_evaluate_command_single_and_many(tmp_path, capsys):
     assert doc["summary"]["n_pairs"] == 6
     assert doc["summary"]["entry_mm"]["max"] == pytest.approx(2.0)
     assert set(doc["cases"]) == {"c1", "c2"}
+    assert "segmentation" not in doc["summary"]  # no label maps on either side
     # Missing truth: one clear line, exit 1.
     assert cli.main(["evaluate", "--results-dir", str(results), "--cases-dir", str(tmp_path)]) == 1
     assert "no truth" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_label_maps_when_both_sides_have_them(tmp_path, capsys):
+    case, res = tmp_path / "case", tmp_path / "run"
+    truth_map = np.zeros((40, 50), np.uint8)
+    truth_map[10:14, 5:30] = 2
+    truth_map[9:15, 30:36] = 1
+    (case / "truth").mkdir(parents=True)
+    io.write_json_atomic(case / "case.json", {"views": [{"name": "AP/1", "image": "ap.png"}]})
+    io.write_json_atomic(case / "truth" / "truth.json", TRUTH)
+    io.write_png(case / "truth" / f"{io.safe_view_filename('AP/1')}_labels.png", truth_map)
+    pred = truth_map.copy()
+    pred[10:14, 5:17] = 0  # half the shaft missed: shaft Dice 2 * 13 / (13 + 25) per row
+    io.write_result(res, {"screws": [screw("S", t["entry_mm"], t["tip_mm"]) for t in TRUTH["screws"]]})
+    io.write_png(res / f"{io.safe_view_filename('AP/1')}_labels.png", pred)
+    out = tmp_path / "ev.json"
+    assert cli.main(["evaluate", str(res), str(case / "truth" / "truth.json"), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    d = doc["evaluation"]["segmentation"]["views"]["AP/1"]
+    assert d["head"] == pytest.approx(1.0) and d["shaft"] == pytest.approx(26 / 38)
+    assert doc["segmentation"]["shaft"]["mean"] == pytest.approx(26 / 38)
+    assert "segmentation Dice" in capsys.readouterr().out
+    # A label map of another size than the truth's: one clear line, exit 1.
+    io.write_png(res / f"{io.safe_view_filename('AP/1')}_labels.png", pred[:20])
+    assert cli.main(["evaluate", str(res), str(case)]) == 1
+    assert "differs from the truth" in capsys.readouterr().err

@@ -128,6 +128,41 @@ def test_run_with_the_network(case_dir, tmp_path):
     assert lab.shape == (256, 256)
 
 
+def test_label_maps_take_the_fit_where_the_network_is_unsure(case_dir):
+    """Where the network calls a screw's pixels background at a screw probability of 0.3, the
+    label map of ``run`` takes them from the fitted screw; where it gives 0.05, they stay
+    background; a blob with no fitted screw keeps the network's label."""
+    case = io.read_case(case_dir)
+    truth_maps = [io.read_truth_labels(case.root, v.name) for v in case.views]
+    probs = [pipeline.one_hot(t) for t in truth_maps]
+    lat, t_lat = probs[1], truth_maps[1]
+    vv, uu = np.nonzero(t_lat == 2)
+    cut = np.median(uu)
+    unsure = (t_lat == 2) & (np.arange(t_lat.shape[1])[None, :] > cut)   # half of every shaft
+    faint = unsure & (np.arange(t_lat.shape[0])[:, None] < np.median(vv))  # part of that half
+    lat[:, unsure] = np.array([0.7, 0.0, 0.3], np.float32)[:, None]
+    lat[:, faint] = np.array([0.95, 0.0, 0.05], np.float32)[:, None]
+    lat[:, 5:12, 5:12] = np.array([0.0, 0.0, 1.0], np.float32)[:, None, None]  # a lone blob, no screw
+    result, labels = pipeline.run_case(case, probabilities=probs, assess=False, with_labels=True)
+    assert len(result["screws"]) == 4
+    network = segmentation_labels(lat)
+    assert not network[unsure].any()
+    assert (labels[1][unsure & ~faint] == 2).mean() > 0.9
+    assert not labels[1][faint].any()
+    assert (labels[1][5:12, 5:12] == 2).all()
+    d_net, d_run = evaluation.dice_per_class(network, t_lat), evaluation.dice_per_class(labels[1], t_lat)
+    assert d_run["shaft"] > d_net["shaft"] + 0.1
+    # With the true maps in the AP view, the map run writes stays close to them.
+    assert evaluation.dice_per_class(labels[0], truth_maps[0])["shaft"] > 0.9
+    assert pipeline.run_case(case, probabilities=probs, assess=False).keys() == result.keys()
+
+
+def segmentation_labels(p):
+    from PedicleScrewPoseLib import segmentation
+
+    return segmentation.labels_from_probabilities(p)
+
+
 def test_candidates_off_the_segmentation_are_not_refined(case_dir):
     """The gate before refinement keeps triangulated screws that lie on the segmented screws
     in the views they were matched in, and drops one moved off them."""

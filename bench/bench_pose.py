@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         out = evals_dir / f"{n}.json"
         done = json.loads(out.read_text()) if out.exists() else {}
         _drop_other_weights(done, weights_sha, precision)
-        if all(f"{m}/{k}" in done for m in modes for k in ("2views", "3views")):
+        if all(_done(done, m, k) for m in modes for k in ("2views", "3views")):
             continue
         if t_stop and time.time() > t_stop:
             print("time limit reached while evaluating; summarising the cases done so far (rerun to continue)")
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         case = io.read_case(cases_dir / n)
         truth = io.read_truth(cases_dir / n)
         for mode in modes:
-            if all(f"{mode}/{k}" in done for k in ("2views", "3views")):
+            if all(_done(done, mode, k) for k in ("2views", "3views")):
                 continue  # evaluated before (delete the case's file in evals/ after changing the code)
             if mode == "truth":
                 probs = [pipeline.one_hot(io.read_truth_labels(case.root, v.name)) for v in case.views]
@@ -200,8 +200,17 @@ def main(argv=None) -> int:
                 raise ValueError(f"unknown mode {mode!r}")
             for k, nv in (("2views", 2), ("3views", 3)):
                 sub = dataclasses.replace(case, views=case.views[:nv], images=case.images[:nv])
-                res = pipeline.run_case(sub, probabilities=probs[:nv], device=args.device, assess=False)
+                res, labels = pipeline.run_case(sub, probabilities=probs[:nv], device=args.device, assess=False,
+                                                with_labels=True)
                 ev = evaluation.evaluate(res, truth)
+                if mode == "network":
+                    # Dice of the network's label map and of the one run writes (with the fit).
+                    ev["segmentation"] = {}
+                    for v, p, lab in zip(sub.views, probs, labels):
+                        t_lab = io.read_truth_labels(case.root, v.name)
+                        ev["segmentation"][v.name] = {
+                            "network": evaluation.dice_per_class(segmentation.labels_from_probabilities(p), t_lab),
+                            "run": evaluation.dice_per_class(lab, t_lab)}
                 ev["timing_s"] = res["timing_s"]
                 ev["timing_s"]["segmentation"] = seg_s * nv / len(case.views)
                 ev["unmatched"] = res["unmatched"]
@@ -249,8 +258,14 @@ def main(argv=None) -> int:
                   "segment_mm_max": e[f"{mode}/{k}"]["summary"]["segment_mm"]["max"]}
                  for n, e in all_evals.items() if f"{mode}/{k}" in e),
                 key=lambda r: (r["recall"] + r["precision"], -(r["segment_mm_max"] or 0)))[:5]
+            if mode == "network":
+                s["segmentation_dice"] = _dice_by_view(evs)
             report["results"][f"{mode}/{k}"] = s
             print(evaluation.format_summary(s, title=f"\n== {mode} labels, {k} =="))
+            for name, d in s.get("segmentation_dice", {}).items():
+                print(f"{name} mean Dice head / shaft: network's label map "
+                      f"{evaluation._fmt(d['network']['head']['mean'], 3)} / {evaluation._fmt(d['network']['shaft']['mean'], 3)}"
+                      f", run's {evaluation._fmt(d['run']['head']['mean'], 3)} / {evaluation._fmt(d['run']['shaft']['mean'], 3)}")
             ex = s["exposed_in_every_view"]
             print(f"screws exposed in every view: {ex['n_truth']}, recall {ex['recall']:.3f}; "
                   f"not exposed in some view: {ex['n_not_exposed']} ({ex['n_not_exposed_found']} found)")
@@ -263,6 +278,28 @@ def main(argv=None) -> int:
     io.write_json_atomic(args.out, report)
     print(f"-> {args.out}")
     return 0
+
+
+def _done(evals: dict, mode: str, k: str) -> bool:
+    """Whether a case's evaluation of ``mode`` on ``k`` views is cached (the network's with its
+    label maps' Dice, which older caches lack)."""
+    ev = evals.get(f"{mode}/{k}")
+    return ev is not None and (mode != "network" or "segmentation" in ev)
+
+
+def _dice_by_view(evs) -> dict:
+    """Per view name and label map (the network's; the one run writes): the per-image Dice of
+    head and shaft summarised (median / mean / p5, images with a class in neither map left out)."""
+    from PedicleScrewPoseLib import evaluation
+
+    out: dict = {}
+    names = sorted({v for e in evs for v in e.get("segmentation", {})})
+    for name in names:
+        out[name] = {}
+        for which in ("network", "run"):
+            per = [{"views": {name: e["segmentation"][name][which]}} for e in evs if name in e.get("segmentation", {})]
+            out[name][which] = evaluation.summarize_dice(per)
+    return out
 
 
 #: A screw counts as exposed in a view when at least this fraction of its shaft (5-85% of the

@@ -5,6 +5,8 @@ Predicted and true screws are paired by the Hungarian method on the segment erro
 (degrees between the entry-to-tip directions), entry, tip and segment errors (mm).
 Detection: recall = pairs / true screws, precision = pairs / predicted screws.
 Summaries give median, mean, 95th percentile and max, never a mean alone.
+Segmentation: Dice per class (head, shaft) of each view's label map written by ``run``
+against the simulator's, per image, then averaged (with median and 5th percentile).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["evaluate", "summarize", "format_table", "format_summary", "MAX_PAIR_MM",
-           "add_evaluate_arguments", "evaluate_command"]
+__all__ = ["evaluate", "summarize", "format_table", "format_summary", "MAX_PAIR_MM", "dice_per_class",
+           "segmentation_dice", "summarize_dice", "add_evaluate_arguments", "evaluate_command"]
 
 MAX_PAIR_MM = 10.0
 METRICS = ("angle_deg", "entry_mm", "tip_mm", "segment_mm")
@@ -108,6 +110,82 @@ def summarize(evaluations) -> dict:
     }
 
 
+def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
+    """Dice of head (1) and shaft (2) for one image; NaN where the class is absent in both."""
+    pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
+    if pred_labels.shape != true_labels.shape:
+        raise ValueError(f"label maps of shapes {pred_labels.shape} and {true_labels.shape} cannot be compared")
+    out = {}
+    for c, name in ((1, "head"), (2, "shaft")):
+        p, t = pred_labels == c, true_labels == c
+        s = p.sum() + t.sum()
+        out[name] = float(2 * (p & t).sum() / s) if s else float("nan")
+    return out
+
+
+def segmentation_dice(result_dir, case_dir) -> dict | None:
+    """Dice per class of each view's label map that ``run`` wrote (``<view>_labels.png`` in
+    ``result_dir``) against the truth's (``case_dir/truth/<view>_labels.png``), for the views
+    of ``case_dir/case.json``.  None when a view lacks either map (a case without simulated
+    truth, or a result folder without label maps).  ``{"views": {name: {"head", "shaft"}}}``;
+    NaN where a class is in neither map."""
+    from . import io  # noqa: PLC0415
+
+    case_dir, result_dir = Path(case_dir), Path(result_dir)
+    manifest = case_dir / "case.json"
+    if not manifest.is_file():
+        return None
+    views = io.read_json(manifest).get("views")
+    if not isinstance(views, list) or not views:
+        return None
+    out = {}
+    for v in views:
+        name = v.get("name") if isinstance(v, dict) else None
+        if not isinstance(name, str):
+            return None
+        base = io.safe_view_filename(name)
+        pred_path, true_path = result_dir / f"{base}_labels.png", case_dir / "truth" / f"{base}_labels.png"
+        if not (pred_path.is_file() and true_path.is_file()):
+            return None
+        pred, true = io.read_image(pred_path), io.read_image(true_path)
+        if pred.shape != true.shape:
+            raise ValueError(f"{pred_path}: shape {pred.shape} differs from the truth's {true_path} {true.shape}")
+        out[name] = dice_per_class(pred.astype(np.uint8), true.astype(np.uint8))
+    return {"views": out}
+
+
+def summarize_dice(per_case) -> dict:
+    """Per class, over every view of every case (None entries skipped): median, mean and 5th
+    percentile of the per-image Dice, images where the class is in neither map left out."""
+    values = {"head": [], "shaft": []}
+    for d in per_case:
+        for dv in (d or {}).get("views", {}).values():
+            for k in values:
+                if dv.get(k) is not None and np.isfinite(dv[k]):
+                    values[k].append(dv[k])
+    out = {}
+    for k, v in values.items():
+        a = np.asarray(v, float)
+        out[k] = ({"n": int(a.size), "median": float(np.median(a)), "mean": float(a.mean()),
+                   "p5": float(np.percentile(a, 5))} if a.size else {"n": 0, "median": None, "mean": None, "p5": None})
+    return out
+
+
+def _format_dice(d: dict) -> str:
+    return "segmentation Dice (per image; median / mean / p5): " + "  ".join(
+        f"{k} {_fmt(s['median'], 3)} / {_fmt(s['mean'], 3)} / {_fmt(s['p5'], 3)} (n {s['n']})" for k, s in d.items())
+
+
+def _case_dir_of_truth(path) -> Path:
+    """The case folder of a truth argument (truth.json, its truth/ folder or the case folder)."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if p.name == "truth" and not (p / "case.json").exists():
+        p = p.parent
+    return p
+
+
 def _fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -171,8 +249,14 @@ def evaluate_command(args) -> int:
         result = io.read_result(args.result)
         truth = io.read_truth(args.truth)
         ev = evaluate(result, truth, max_pair_mm=args.max_pair_mm)
+        rp = Path(args.result)
+        dice = segmentation_dice(rp if rp.is_dir() else rp.parent, _case_dir_of_truth(args.truth))
         print(format_table(ev, result=result, truth=truth))
         doc = {"evaluation": ev}
+        if dice is not None:
+            ev["segmentation"] = dice
+            doc["segmentation"] = summarize_dice([dice])
+            print(_format_dice(doc["segmentation"]))
     else:
         if not args.cases_dir or not (args.results_dir or args.results_glob):
             raise ValueError("evaluate: give RESULT TRUTH, or --cases-dir with --results-dir or --results-glob")
@@ -195,7 +279,13 @@ def evaluate_command(args) -> int:
             if not (case / "truth" / "truth.json").exists() and not (case / "truth.json").exists():
                 raise FileNotFoundError(f"no truth for {f}: expected {case / 'truth' / 'truth.json'}")
             per_case[name] = evaluate(io.read_result(f), io.read_truth(case), max_pair_mm=args.max_pair_mm)
+            dice = segmentation_dice(f.parent, case)
+            if dice is not None:
+                per_case[name]["segmentation"] = dice
         summary = summarize(per_case.values())
+        dices = [e["segmentation"] for e in per_case.values() if "segmentation" in e]
+        if dices:
+            summary["segmentation"] = summarize_dice(dices)
         print(f"{'case':<24}{'true':>5}{'found':>6}{'recall':>8}{'prec':>7}{'med ang°':>9}{'med seg':>9}{'max seg':>9}")
         for name, ev in per_case.items():
             s = ev["summary"]
@@ -204,6 +294,8 @@ def evaluate_command(args) -> int:
                   f"{_fmt(s['segment_mm']['max']):>9}")
         print()
         print(format_summary(summary, title="all cases"))
+        if "segmentation" in summary:
+            print(_format_dice(summary["segmentation"]) + f" over {len(dices)} of {len(per_case)} cases")
         doc = {"cases": per_case, "summary": summary}
     if args.json_path:
         io.write_json_atomic(args.json_path, doc)

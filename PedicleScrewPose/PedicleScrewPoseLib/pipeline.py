@@ -17,7 +17,22 @@ import numpy as np
 
 from . import axis_search, correspondence, geometry, instances as instances_mod, pose
 
-__all__ = ["run_case", "result_from_estimates", "write_outputs", "add_run_arguments", "run_command"]
+__all__ = ["run_case", "result_from_estimates", "label_maps", "write_outputs", "add_run_arguments", "run_command"]
+
+#: The label maps that ``run`` writes (``<view>_labels.png``) are the network's, with each
+#: fitted screw's silhouette (the CASE_FORMAT rule: head wins) written over them where the
+#: network gives the pixel at least this screw probability (head + shaft).  The 3D fit knows
+#: where a screw's metal ends, and which part is head, in a view where the network is unsure:
+#: over the vertebral bodies of a lateral view, and where two screws cross.  Above 0 the
+#: threshold keeps a wrong fit from painting screw over clear background.  Mean Dice head /
+#: shaft of the network's label map -> this one (cached maps, AP + lateral): our tuning cases
+#: (20) lateral 0.759 / 0.820 -> 0.843 / 0.870 at 0.2, AP 0.907 / 0.832 -> 0.912 / 0.843; the
+#: tall-blunt tuning cases (16) lateral 0.724 / 0.782 -> 0.859 / 0.860 at 0.1; the second
+#: renderer's prone set (10) lateral 0.887 / 0.886 -> 0.927 / 0.931, AP 0.929 / 0.881 ->
+#: 0.946 / 0.915.  0.05-0.3 all gain on every set; the fitted silhouette alone is worse in AP
+#: views (0.86 head on ours: the model's head is not the screw's), the network's alone
+#: everywhere.
+FIT_LABEL_MIN_PROB = 0.1
 
 #: Screws whose silhouettes agree less than this with the segmentation (worst view) are dropped.
 #: With true label maps, correct screws fit at 0.88 or better (30 cases); on the network's
@@ -73,7 +88,7 @@ NEIGHBOUR_HEIGHT_MM = 40.0
 
 
 def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, scene=False,
-             assess=True, progress=None, precision=None) -> dict:
+             assess=True, progress=None, precision=None, with_labels: bool = False):
     """Find every screw of ``case`` (an ``io.Case``) and return the result.json dict.
 
     ``probabilities``: per view ``float32 [3, v, u]`` (background, head, shaft) to use
@@ -82,7 +97,9 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
     shipped one is loaded).  ``out_dir``: when given, the outputs are written there
     (see :func:`write_outputs`); nothing is written inside the case folder.
     ``progress``: optional callable taking a stage name.  ``precision``: the network's
-    arithmetic (``segmentation.segment``; default auto).
+    arithmetic (``segmentation.segment``; default auto).  ``with_labels``: return
+    ``(result, labels)`` instead, with the label map of each view as ``run`` writes it
+    (:func:`label_maps`).
     """
     t_start = time.perf_counter()
     timing = {}
@@ -152,18 +169,23 @@ def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, s
         result["screws"] = _assess(case, result["screws"])
         timing["assessment"] = time.perf_counter() - t
 
+    labels = None
+    if out_dir is not None or with_labels:
+        t = time.perf_counter()
+        labels = label_maps(views, probabilities, kept, device=device)
+        timing["labels"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t_start
     result["timing_s"] = {k: round(float(v), 4) for k, v in timing.items()}
     if out_dir is not None:
         say("outputs")
         t = time.perf_counter()
-        write_outputs(out_dir, case, result, probabilities, kept, scene=scene)
+        write_outputs(out_dir, case, result, probabilities, kept, scene=scene, labels=labels)
         result["timing_s"]["outputs"] = round(time.perf_counter() - t, 4)
         # result.json carries the output time too.
         from . import io  # noqa: PLC0415
 
         io.write_result(out_dir, result)
-    return result
+    return (result, labels) if with_labels else result
 
 
 def _field_of(image, shape):
@@ -378,21 +400,40 @@ def _assess(case, screws):
 # ------------------------------------------------------------------------------------- outputs
 
 
-def write_outputs(out_dir, case, result, probabilities, estimates, scene=False) -> Path:
-    """Write result.json, per view ``<view>_labels.png``, ``<view>_overlay.png`` (segmentation)
-    and ``<view>_fit.png`` (fitted screw outlines over the X-ray), plus report/scene hooks."""
+def label_maps(views, probabilities, estimates, min_prob: float = FIT_LABEL_MIN_PROB, device="cpu") -> list:
+    """The label map of each view (uint8 ``[v, u]``: 0 background, 1 head, 2 shaft): the
+    network's (``segmentation.labels_from_probabilities``), overwritten by the fitted screws'
+    silhouettes (``pose.render_labels``) where ``probabilities`` give head + shaft of at least
+    ``min_prob`` (see :data:`FIT_LABEL_MIN_PROB`).  Screws seen in one view only, which have no
+    fit, keep the network's labels."""
+    out = []
+    for view, p in zip(views, probabilities):
+        labels = _labels_from_probabilities(p)
+        if estimates:
+            fit = pose.render_labels(view, estimates, device=device)
+            over = (fit > 0) & (p[1] + p[2] >= min_prob)
+            labels[over] = fit[over]
+        out.append(labels)
+    return out
+
+
+def write_outputs(out_dir, case, result, probabilities, estimates, scene=False, labels=None) -> Path:
+    """Write result.json, per view ``<view>_labels.png``, ``<view>_overlay.png`` (the label map
+    over the X-ray) and ``<view>_fit.png`` (fitted screw outlines over the X-ray), plus
+    report/scene hooks.  ``labels``: the views' label maps (default :func:`label_maps`)."""
     from . import io  # noqa: PLC0415
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     io.write_result(out_dir, result)
-    label_maps = {}
-    for view, image, p in zip(case.views, case.images, probabilities):
-        labels = _labels_from_probabilities(p)
-        label_maps[view.name] = labels
+    if labels is None:
+        labels = label_maps(case.views, probabilities, estimates)
+    label_maps_by_view = {}
+    for view, image, lab in zip(case.views, case.images, labels):
+        label_maps_by_view[view.name] = lab
         base = io.safe_view_filename(view.name)
-        io.write_png(out_dir / f"{base}_labels.png", labels)
-        io.write_png(out_dir / f"{base}_overlay.png", _overlay(image, labels))
+        io.write_png(out_dir / f"{base}_labels.png", lab)
+        io.write_png(out_dir / f"{base}_overlay.png", _overlay(image, lab))
         io.write_png(out_dir / f"{base}_fit.png", fit_picture(image, view, estimates))
     # Report and Slicer scene: modules owned elsewhere; used when present.
     try:
@@ -405,7 +446,7 @@ def write_outputs(out_dir, case, result, probabilities, estimates, scene=False) 
     if scene:
         from . import mrml  # noqa: PLC0415
 
-        mrml.write_scene_for_run(out_dir, case, result, label_maps=label_maps)
+        mrml.write_scene_for_run(out_dir, case, result, label_maps=label_maps_by_view)
     return out_dir
 
 

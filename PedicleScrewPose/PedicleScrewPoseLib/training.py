@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from . import segmentation
+from .evaluation import dice_per_class  # noqa: F401  (the metric, kept importable here)
 
 __all__ = [
     "TRAIN_LEVELS",
@@ -862,16 +863,6 @@ class _PairStream(_iterable_dataset_base()):
             xs, ys = zip(*pairs)
             k += 1
             yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-
-
-def dice_per_class(pred_labels: np.ndarray, true_labels: np.ndarray) -> dict:
-    """Dice of head (1) and shaft (2) for one image; NaN where the class is absent in both."""
-    out = {}
-    for c, name in ((1, "head"), (2, "shaft")):
-        p, t = pred_labels == c, true_labels == c
-        s = p.sum() + t.sum()
-        out[name] = float(2 * (p & t).sum() / s) if s else float("nan")
-    return out
 
 
 def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
