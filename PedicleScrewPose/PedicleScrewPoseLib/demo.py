@@ -56,8 +56,13 @@ def demo_command(args) -> int:
 
     truth = io.read_truth(case_dir)
     ev = evaluation.evaluate(result, truth)
+    dice = evaluation.segmentation_dice(run_dir, case_dir)
+    if dice is not None:
+        ev["segmentation"] = dice
     io.write_json_atomic(out / "evaluation.json", ev)
     print(evaluation.format_table(ev, result=result, truth=truth))
+    for name, d in (dice or {}).get("views", {}).items():
+        print(f"{name} label map Dice: head {d['head']:.3f}, shaft {d['shaft']:.3f}")
 
     print("[4/4] drawing the overview ...", flush=True)
     overview = write_overview(out / "overview.png", case, result)
