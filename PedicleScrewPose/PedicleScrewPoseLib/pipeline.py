@@ -25,13 +25,13 @@ __all__ = ["run_case", "result_from_estimates", "label_maps", "write_outputs", "
 #: where a screw's metal ends, and which part is head, in a view where the network is unsure:
 #: over the vertebral bodies of a lateral view, and where two screws cross.  Above 0 the
 #: threshold keeps a wrong fit from painting screw over clear background.  Mean Dice head /
-#: shaft of the network's label map -> this one (cached maps, AP + lateral): our tuning cases
-#: (20) lateral 0.759 / 0.820 -> 0.843 / 0.870 at 0.2, AP 0.907 / 0.832 -> 0.912 / 0.843; the
-#: tall-blunt tuning cases (16) lateral 0.724 / 0.782 -> 0.859 / 0.860 at 0.1; the second
-#: renderer's prone set (10) lateral 0.887 / 0.886 -> 0.927 / 0.931, AP 0.929 / 0.881 ->
-#: 0.946 / 0.915.  0.05-0.3 all gain on every set; the fitted silhouette alone is worse in AP
-#: views (0.86 head on ours: the model's head is not the screw's), the network's alone
-#: everywhere.
+#: shaft of the network's label map -> this one at 0.1 (cached maps, AP + lateral): our tuning
+#: cases (20) lateral 0.759 / 0.820 -> 0.850 / 0.873, AP 0.907 / 0.832 -> 0.911 / 0.842; the
+#: tall-blunt tuning cases (16) lateral 0.724 / 0.782 -> 0.859 / 0.860, AP 0.931 / 0.842 ->
+#: 0.938 / 0.857; the second renderer's prone set (10) lateral 0.887 / 0.886 -> 0.927 / 0.931,
+#: AP 0.929 / 0.881 -> 0.946 / 0.915.  0.05-0.3 all gain on every set; the fitted silhouette
+#: alone is worse in AP views (0.86 head on ours: the model's head is not the screw's), the
+#: network's alone everywhere.
 FIT_LABEL_MIN_PROB = 0.1
 
 #: Screws whose silhouettes agree less than this with the segmentation (worst view) are dropped.
