@@ -145,7 +145,9 @@ def test_label_maps_take_the_fit_where_the_network_is_unsure(case_dir):
     lat[:, 5:12, 5:12] = np.array([0.0, 0.0, 1.0], np.float32)[:, None, None]  # a lone blob, no screw
     result, labels = pipeline.run_case(case, probabilities=probs, assess=False, with_labels=True)
     assert len(result["screws"]) == 4
-    network = segmentation_labels(lat)
+    from PedicleScrewPoseLib import segmentation
+
+    network = segmentation.labels_from_probabilities(lat)
     assert not network[unsure].any()
     assert (labels[1][unsure & ~faint] == 2).mean() > 0.9
     assert not labels[1][faint].any()
@@ -155,12 +157,6 @@ def test_label_maps_take_the_fit_where_the_network_is_unsure(case_dir):
     # With the true maps in the AP view, the map run writes stays close to them.
     assert evaluation.dice_per_class(labels[0], truth_maps[0])["shaft"] > 0.9
     assert pipeline.run_case(case, probabilities=probs, assess=False).keys() == result.keys()
-
-
-def segmentation_labels(p):
-    from PedicleScrewPoseLib import segmentation
-
-    return segmentation.labels_from_probabilities(p)
 
 
 def test_candidates_off_the_segmentation_are_not_refined(case_dir):

@@ -13,7 +13,9 @@
   runs other segmentation weights instead (a candidate model); the network results cached for
   other weights (told apart by their SHA-256) are rerun, the true-label results are kept.
 * Metrics (evaluation.py): recall, precision, angle / entry / tip / segment errors with
-  median, mean, p95 and max.  Beside the recall over all true screws (the headline), the
+  median, mean, p95 and max.  With the network, also the per-view Dice of the network's label map and of
+  the one ``run`` writes (``pipeline.label_maps``: with the fitted screws' silhouettes), under
+  ``segmentation_dice``.  Beside the recall over all true screws (the headline), the
   recall over the screws exposed in every view used (``exposed_in_every_view``): a collimator
   shutter passes 4% of the beam, so a screw behind one in one of two views is all but hidden
   there (true label maps still show it, and the geometry then finds about half of them).
@@ -263,9 +265,9 @@ def main(argv=None) -> int:
             report["results"][f"{mode}/{k}"] = s
             print(evaluation.format_summary(s, title=f"\n== {mode} labels, {k} =="))
             for name, d in s.get("segmentation_dice", {}).items():
-                print(f"{name} mean Dice head / shaft: network's label map "
-                      f"{evaluation._fmt(d['network']['head']['mean'], 3)} / {evaluation._fmt(d['network']['shaft']['mean'], 3)}"
-                      f", run's {evaluation._fmt(d['run']['head']['mean'], 3)} / {evaluation._fmt(d['run']['shaft']['mean'], 3)}")
+                means = {w: " / ".join("-" if d[w][c]["mean"] is None else f"{d[w][c]['mean']:.3f}"
+                                       for c in ("head", "shaft")) for w in ("network", "run")}
+                print(f"{name} mean Dice head / shaft: network's label map {means['network']}, run's {means['run']}")
             ex = s["exposed_in_every_view"]
             print(f"screws exposed in every view: {ex['n_truth']}, recall {ex['recall']:.3f}; "
                   f"not exposed in some view: {ex['n_not_exposed']} ({ex['n_not_exposed_found']} found)")
