@@ -159,6 +159,27 @@ def test_label_maps_take_the_fit_where_the_network_is_unsure(case_dir):
     assert pipeline.run_case(case, probabilities=probs, assess=False).keys() == result.keys()
 
 
+def test_a_ghost_far_beside_the_spine_is_dropped():
+    """A fit whose entry lies 90 mm to the side of the other screws' midline is no pedicle screw
+    and goes; a bilateral construct whose midline drifts 12 mm per level (scoliosis) stays whole,
+    and so does a lone pair (too few neighbours to judge)."""
+    def est(x, z, conf=0.9):
+        entry = np.array([x, -40.0, z])
+        axis = np.array([-np.sign(x) * 0.25, 1.0, 0.0])
+        return pose.ScrewEstimate(entry_mm=entry, tip_mm=entry + 40.0 * axis / np.linalg.norm(axis),
+                                  diameter_mm=6.5, length_mm=40.0, head_diameter_mm=11.0, head_height_mm=13.0,
+                                  tip_length_mm=4.0, confidence=conf)
+
+    construct = [est(shift + side * 22.0, z) for z, shift in ((0.0, 0.0), (30.0, 12.0), (60.0, 24.0))
+                 for side in (-1, 1)]
+    ghost = est(12.0 + 90.0, 30.0, conf=0.95)  # the most confident of all: only its place betrays it
+    kept = pipeline._clean(construct + [ghost])
+    assert len(kept) == len(construct) and not any(k is ghost for k in kept)
+    assert len(pipeline._clean(construct)) == len(construct)
+    pair = [est(-22.0, 0.0), est(22.0, 0.0)]
+    assert len(pipeline._clean(pair)) == 2
+
+
 def test_candidates_off_the_segmentation_are_not_refined(case_dir):
     """The gate before refinement keeps triangulated screws that lie on the segmented screws
     in the views they were matched in, and drops one moved off them."""
