@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -233,7 +234,11 @@ def main(argv=None) -> int:
                      "simulator": ("simulate.simulate_case(realistic=True)" if args.renderer == "ours" else
                                    "bench/voxel_render.py (voxel screws, one energy, log or linear display)"),
                      "renderer_settings": RENDERER_SETTINGS[args.renderer],
-                     "cases": str(cases_dir)},
+                     "cases": str(cases_dir),
+                     # The renderers' float sums run in another order with another thread count or
+                     # CPU, so the same seeds can give images that differ in the last bits and flip a
+                     # marginal screw: this hash says whether two runs saw the same images.
+                     "files_sha256": _cases_sha256(cases_dir, names)},
         "targets": {"recall": 0.98, "precision": 0.98, "angle_deg_median": 1.0, "segment_mm_median": 1.0,
                     "angle_deg_p95": 2.0, "segment_mm_p95": 2.0, "run_s_8_screws_2_views_512": 10.0},
         "results": {},
@@ -332,6 +337,16 @@ def _exposed_fraction(view, params: dict, entry_mm, tip_mm) -> float:
         if bo > 0:
             ok &= uv[:, 1] < H - int(bo * H)
     return float(ok.mean())
+
+
+def _cases_sha256(cases_dir, names) -> str:
+    """SHA-256 over every file of the named cases (their relative paths and bytes, sorted)."""
+    h = hashlib.sha256()
+    for n in sorted(names):
+        for f in sorted(p for p in (cases_dir / n).rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(cases_dir)).encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _recall_of_exposed(cases_dir, all_evals: dict, key: str, n_views: int) -> dict:
