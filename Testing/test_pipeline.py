@@ -180,6 +180,27 @@ def test_a_ghost_far_beside_the_spine_is_dropped():
     assert len(pipeline._clean(pair)) == 2
 
 
+def test_an_axis_across_the_level_is_dropped():
+    """A fit whose axis runs 65° off its neighbours' (from one screw's head across the level) is
+    no pedicle screw and goes; a construct whose vertebrae are all rotated 30° (scoliosis), with
+    medial angles of 25°, stays whole, and so does a lone crossing pair (too few to judge)."""
+    def est(x, z, yaw_deg, conf=0.9):
+        entry = np.array([x, -40.0, z])
+        yaw = np.radians(yaw_deg)
+        axis = np.array([np.sin(yaw), np.cos(yaw), 0.0])
+        return pose.ScrewEstimate(entry_mm=entry, tip_mm=entry + 40.0 * axis, diameter_mm=6.5, length_mm=40.0,
+                                  head_diameter_mm=11.0, head_height_mm=13.0, tip_length_mm=4.0, confidence=conf)
+
+    for turn in (0.0, 30.0):
+        construct = [est(side * 22.0, z, turn - side * 25.0) for z in (0.0, 30.0, 60.0) for side in (-1, 1)]
+        assert len(pipeline._clean(construct)) == len(construct)
+        ghost = est(20.0, 35.0, turn - 65.0, conf=0.95)  # the most confident: only its direction betrays it
+        kept = pipeline._clean(construct + [ghost])
+        assert len(kept) == len(construct) and not any(k is ghost for k in kept)
+    pair = [est(-22.0, 0.0, 60.0), est(22.0, 0.0, -60.0)]
+    assert len(pipeline._clean(pair)) == 2
+
+
 def test_candidates_off_the_segmentation_are_not_refined(case_dir):
     """The gate before refinement keeps triangulated screws that lie on the segmented screws
     in the views they were matched in, and drops one moved off them."""

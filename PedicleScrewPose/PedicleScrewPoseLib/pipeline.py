@@ -95,6 +95,16 @@ NEIGHBOUR_HEIGHT_MM = 40.0
 #: sets at most 38 mm (network maps, AP + lateral); 5 of its 73 false screws there lie at 50-118
 #: mm, and no correct one.
 MAX_LATERAL_FROM_MIDLINE_MM = 50.0
+#: The screws of one region of the spine run nearly parallel: a level's two converge by twice
+#: their medial angle (up to ~40° each), and a rotated or scoliotic vertebra turns both.  A fit
+#: whose axis lies further than this from the mean direction of the other screws within
+#: :data:`NEIGHBOUR_HEIGHT_MM` of its height (at least two of them) is a ghost: an axis drawn
+#: across the level, from one screw's head to the other's shaft, where the left and right screws
+#: superimpose in the lateral view.  The worst goes first, then the others are judged again.
+#: Our 20 tuning cases (network, AP + lateral): true screws at most 38° from their neighbours'
+#: mean direction, correct fits at most 40°, false ones at most 33°; the demo's five false
+#: screws 39-87°, four of them over 50° (judged again after each drop, three go).
+MAX_FROM_NEIGHBOURS_DEG = 50.0
 
 
 def run_case(case, out_dir=None, device="cpu", probabilities=None, model=None, scene=False,
@@ -244,13 +254,14 @@ def _clean(estimates, views=None, probabilities=None, device="cpu"):
     """Drop screws that do not fit the images, that point where no pedicle screw can
     (:data:`MAX_FROM_ANTERIOR_DEG`), whose head lies in front of the spine
     (:data:`MAX_ENTRY_ANTERIOR_MM`) or far to its side (:data:`MAX_LATERAL_FROM_MIDLINE_MM`),
-    and duplicates.  Of two fits of one screw the one with
+    that run across their neighbours (:data:`MAX_FROM_NEIGHBOURS_DEG`), and duplicates.  Of two fits of one screw the one with
     the higher confidence stays; with ``views`` and ``probabilities`` given, confidences
     judged fairly (see :func:`_settle_duplicates`)."""
     min_anterior = np.cos(np.radians(MAX_FROM_ANTERIOR_DEG))
     good = [e for e in estimates if e.confidence >= MIN_CONFIDENCE and float(e.axis @ pose.ANTERIOR) >= min_anterior]
     good = [e for e, ahead in zip(good, _entry_ahead_of_neighbours_mm(good)) if not ahead > MAX_ENTRY_ANTERIOR_MM]
     good = _without_lateral_outliers(good)
+    good = _without_direction_outliers(good)
     good.sort(key=lambda e: -e.confidence)
     kept, rivals = [], []
     for e in good:
@@ -357,16 +368,48 @@ def _lateral_from_midline_mm(estimates) -> list[float]:
     return out
 
 
-def _without_lateral_outliers(estimates) -> list:
-    """``estimates`` less the fits whose entry lies beyond :data:`MAX_LATERAL_FROM_MIDLINE_MM`
-    from the midline, the worst first (a far ghost would widen the others' midline)."""
+def _without_outliers(estimates, measure, limit) -> list:
+    """``estimates`` less the fits whose ``measure`` (a function of all the fits, one value per
+    fit, NaN where it cannot judge) exceeds ``limit``, the worst first and measured again
+    without it: a far ghost would skew what the others are judged against."""
     kept = list(estimates)
     while len(kept) >= 3:
-        off = np.array(_lateral_from_midline_mm(kept))
-        if np.all(np.isnan(off)) or not np.nanmax(off) > MAX_LATERAL_FROM_MIDLINE_MM:
+        off = np.array(measure(kept))
+        if np.all(np.isnan(off)) or not np.nanmax(off) > limit:
             break
         kept.pop(int(np.nanargmax(off)))
     return kept
+
+
+def _without_lateral_outliers(estimates) -> list:
+    """``estimates`` less the fits whose entry lies beyond :data:`MAX_LATERAL_FROM_MIDLINE_MM`
+    from the midline, the worst first (a far ghost would widen the others' midline)."""
+    return _without_outliers(estimates, _lateral_from_midline_mm, MAX_LATERAL_FROM_MIDLINE_MM)
+
+
+def _angle_from_neighbours_deg(estimates) -> list[float]:
+    """Per screw: the angle (degrees) between its axis and the mean axis of the other screws
+    within :data:`NEIGHBOUR_HEIGHT_MM` of its entry's height; NaN with fewer than two of them."""
+    entries = np.array([e.entry_mm for e in estimates], float).reshape(-1, 3)
+    axes = np.array([e.axis for e in estimates], float).reshape(-1, 3)
+    height = entries @ pose.SUPERIOR
+    out = []
+    for i in range(len(entries)):
+        near = np.abs(height - height[i]) <= NEIGHBOUR_HEIGHT_MM
+        near[i] = False
+        mean = axes[near].sum(axis=0)
+        if near.sum() < 2 or not np.linalg.norm(mean) > 0:
+            out.append(float("nan"))
+            continue
+        cos = float(np.clip(axes[i] @ (mean / np.linalg.norm(mean)), -1.0, 1.0))
+        out.append(float(np.degrees(np.arccos(cos))))
+    return out
+
+
+def _without_direction_outliers(estimates) -> list:
+    """``estimates`` less the fits whose axis lies beyond :data:`MAX_FROM_NEIGHBOURS_DEG` from
+    their neighbours' mean axis, the worst first (a ghost would tilt the others' mean)."""
+    return _without_outliers(estimates, _angle_from_neighbours_deg, MAX_FROM_NEIGHBOURS_DEG)
 
 
 def _same_screw(a, b) -> bool:
