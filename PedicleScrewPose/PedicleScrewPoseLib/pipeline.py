@@ -254,9 +254,9 @@ def _clean(estimates, views=None, probabilities=None, device="cpu"):
     """Drop screws that do not fit the images, that point where no pedicle screw can
     (:data:`MAX_FROM_ANTERIOR_DEG`), whose head lies in front of the spine
     (:data:`MAX_ENTRY_ANTERIOR_MM`) or far to its side (:data:`MAX_LATERAL_FROM_MIDLINE_MM`),
-    that run across their neighbours (:data:`MAX_FROM_NEIGHBOURS_DEG`), and duplicates.  Of two fits of one screw the one with
-    the higher confidence stays; with ``views`` and ``probabilities`` given, confidences
-    judged fairly (see :func:`_settle_duplicates`)."""
+    that run across their neighbours (:data:`MAX_FROM_NEIGHBOURS_DEG`), and duplicates.  Of two
+    fits of one screw the one with the higher confidence stays; with ``views`` and
+    ``probabilities`` given, confidences judged fairly (see :func:`_settle_duplicates`)."""
     min_anterior = np.cos(np.radians(MAX_FROM_ANTERIOR_DEG))
     good = [e for e in estimates if e.confidence >= MIN_CONFIDENCE and float(e.axis @ pose.ANTERIOR) >= min_anterior]
     good = [e for e, ahead in zip(good, _entry_ahead_of_neighbours_mm(good)) if not ahead > MAX_ENTRY_ANTERIOR_MM]
