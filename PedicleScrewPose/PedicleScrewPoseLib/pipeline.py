@@ -334,38 +334,32 @@ def _settle_duplicates(kept, rivals, views, probabilities, device):
     return out
 
 
+def _height_neighbours(estimates):
+    """``(entries [n, 3] world RAS mm, masks)``: per screw, the bool mask of the other screws
+    whose entry lies within :data:`NEIGHBOUR_HEIGHT_MM` of its height (superior), or None with
+    fewer than two of them (too few to judge it against)."""
+    entries = np.array([e.entry_mm for e in estimates], float).reshape(-1, 3)
+    height = entries @ pose.SUPERIOR
+    near = np.abs(height[:, None] - height[None, :]) <= NEIGHBOUR_HEIGHT_MM
+    np.fill_diagonal(near, False)
+    return entries, [m if m.sum() >= 2 else None for m in near]
+
+
 def _entry_ahead_of_neighbours_mm(estimates) -> list[float]:
     """Per screw: how far (mm, world RAS anterior) its entry lies in front of the median entry of
-    the other screws within :data:`NEIGHBOUR_HEIGHT_MM` of its height (superior); NaN with fewer
-    than two such neighbours."""
-    entries = np.array([e.entry_mm for e in estimates], float).reshape(-1, 3)
+    its height neighbours (:func:`_height_neighbours`); NaN where it has too few."""
+    entries, masks = _height_neighbours(estimates)
     depth = entries @ pose.ANTERIOR
-    height = entries @ pose.SUPERIOR
-    out = []
-    for i in range(len(entries)):
-        near = np.abs(height - height[i]) <= NEIGHBOUR_HEIGHT_MM
-        near[i] = False
-        out.append(float(depth[i] - np.median(depth[near])) if near.sum() >= 2 else float("nan"))
-    return out
+    return [float("nan") if m is None else float(depth[i] - np.median(depth[m])) for i, m in enumerate(masks)]
 
 
 def _lateral_from_midline_mm(estimates) -> list[float]:
-    """Per screw: how far (mm, world RAS right-left) its entry lies from the midline of the other
-    screws within :data:`NEIGHBOUR_HEIGHT_MM` of its height (half-way between the leftmost and
-    the rightmost of them); NaN with fewer than two such neighbours."""
-    entries = np.array([e.entry_mm for e in estimates], float).reshape(-1, 3)
+    """Per screw: how far (mm, world RAS right-left) its entry lies from the midline of its height
+    neighbours (half-way between the leftmost and the rightmost of them); NaN where it has too few."""
+    entries, masks = _height_neighbours(estimates)
     lateral = entries[:, 0]
-    height = entries @ pose.SUPERIOR
-    out = []
-    for i in range(len(entries)):
-        near = np.abs(height - height[i]) <= NEIGHBOUR_HEIGHT_MM
-        near[i] = False
-        if near.sum() < 2:
-            out.append(float("nan"))
-            continue
-        mid = 0.5 * (lateral[near].min() + lateral[near].max())
-        out.append(float(abs(lateral[i] - mid)))
-    return out
+    return [float("nan") if m is None else float(abs(lateral[i] - 0.5 * (lateral[m].min() + lateral[m].max())))
+            for i, m in enumerate(masks)]
 
 
 def _without_outliers(estimates, measure, limit) -> list:
@@ -388,17 +382,14 @@ def _without_lateral_outliers(estimates) -> list:
 
 
 def _angle_from_neighbours_deg(estimates) -> list[float]:
-    """Per screw: the angle (degrees) between its axis and the mean axis of the other screws
-    within :data:`NEIGHBOUR_HEIGHT_MM` of its entry's height; NaN with fewer than two of them."""
-    entries = np.array([e.entry_mm for e in estimates], float).reshape(-1, 3)
+    """Per screw: the angle (degrees) between its axis and the mean axis of its height neighbours
+    (:func:`_height_neighbours`); NaN where it has too few."""
+    _, masks = _height_neighbours(estimates)
     axes = np.array([e.axis for e in estimates], float).reshape(-1, 3)
-    height = entries @ pose.SUPERIOR
     out = []
-    for i in range(len(entries)):
-        near = np.abs(height - height[i]) <= NEIGHBOUR_HEIGHT_MM
-        near[i] = False
-        mean = axes[near].sum(axis=0)
-        if near.sum() < 2 or not np.linalg.norm(mean) > 0:
+    for i, m in enumerate(masks):
+        mean = None if m is None else axes[m].sum(axis=0)
+        if mean is None or not np.linalg.norm(mean) > 0:
             out.append(float("nan"))
             continue
         cos = float(np.clip(axes[i] @ (mean / np.linalg.norm(mean)), -1.0, 1.0))
