@@ -280,6 +280,24 @@ def test_a_view_half_linear_in_intensity_gets_the_screws_of_both_halves(model, s
     assert dice[True][0] >= 0.8 and dice[True][0] >= dice[False][0] - 0.05, dice
 
 
+def test_the_intensity_answer_is_merged_only_where_it_shows_a_shaft():
+    """Of the intensity reading's answer, only blobs holding a confident shaft are merged (a
+    head-sized blob alone is what its log makes of the noise at the dark end), and only at the
+    pixels where it sees more screw than the kept answer."""
+    kept = np.zeros((3, 40, 60), np.float32)
+    kept[0] = 1.0
+    kept[:, 5:15, 45:55] = np.array([0.2, 0.0, 0.8], np.float32)[:, None, None]  # a screw kept has found
+    other = kept.copy()
+    other[:, 5:15, 5:25] = np.array([0.02, 0.03, 0.95], np.float32)[:, None, None]  # a screw: shaft
+    other[:, 25:32, 5:12] = np.array([0.1, 0.9, 0.0], np.float32)[:, None, None]  # a head-sized blob
+    other[:, 5:15, 45:55] = np.array([0.4, 0.0, 0.6], np.float32)[:, None, None]  # less sure there
+    merged = segmentation._merge_intensity(kept, other)
+    np.testing.assert_array_equal(merged[:, 5:15, 5:25], other[:, 5:15, 5:25])
+    np.testing.assert_array_equal(merged[:, 25:32, 5:12], kept[:, 25:32, 5:12])
+    np.testing.assert_array_equal(merged[:, 5:15, 45:55], kept[:, 5:15, 45:55])
+    np.testing.assert_allclose(merged.sum(0), 1.0, atol=1e-6)
+
+
 def test_attenuation_from_intensity_keeps_black_finite_and_nan_as_nan():
     a = np.array([[0.0, 1.0, 255.0], [np.nan, 10.0, 100.0]], np.float32)
     y = segmentation.attenuation_from_intensity(a)

@@ -94,15 +94,20 @@ INTENSITY_CANDIDATE = True
 INTENSITY_MARGIN = 1.5
 #: Where the intensity reading was tried and lost to metal read dark, its answer (mirrored
 #: too) still replaces the kept one's at the pixels where it sees more screw (lower background
-#: probability).  One view can need both readings: on a lateral lumbar view shown dark, the
-#: thin thoracic half reads best as displayed and the abdomen's last few grey levels above
-#: black best through the log, which spreads them out.  Two more network passes on such views.
-#: Pose, network, AP + lateral, maps made on one thread: 20 tuning cases (seeds
-#: bench_pose.TUNING_SEED_BASE + i) 165 -> 166 pairs, 182 results either way; the 30-case test set
-#: 250 -> 262 pairs, 267 -> 278 results (precision 0.936 -> 0.942), mostly lumbar screws of dark
-#: lateral views.  Merging only the blobs the kept answer missed (its mean screw probability
-#: under 0.5 over the blob) kept its outlines but did less: 165 and 259 pairs.
+#: probability), within its blobs that hold a confident shaft (:data:`FUSE_MIN_SHAFT_PEAK`).
+#: One view can need both readings: on a lateral lumbar view shown dark, the thin thoracic half
+#: reads best as displayed and the abdomen's last few grey levels above black best through the
+#: log, which spreads them out.  Two more network passes on such views.  Pose, network, AP +
+#: lateral, maps made on one thread, pairs / results: 20 tuning cases (seeds
+#: bench_pose.TUNING_SEED_BASE + i) 165 / 182 -> 166 / 181; the 30-case test set 250 / 267 ->
+#: 261 / 276, mostly lumbar screws of dark lateral views.  Taken at every pixel (no blob rule):
+#: 166 / 182 and 262 / 278, but the segmentation test set's mean head Dice fell 0.542 -> 0.534
+#: (with the blob rule 0.540; shaft 0.571 -> 0.570 either way); only over the blobs that the
+#: kept answer missed (its mean screw probability under 0.5 there): 165 / 182 and 259 / 274.
 FUSE_INTENSITY = True
+#: The log spreads the noise at the dark end into head-sized blobs too (see
+#: :data:`INTENSITY_MARGIN`); a screw is mostly shaft.
+FUSE_MIN_SHAFT_PEAK = 0.9
 #: The name of that third reading, beside "bright" and "dark".
 INTENSITY = "intensity"
 #: The image's local differences tell how it was made (:func:`display_response`).  In an image
@@ -409,11 +414,25 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
             sums[i] += _resize_probs(np.ascontiguousarray(p[:, :, ::-1]), shape)
             counts[i] += 1
         for i in fuse:
-            q, p = sums[i] / counts[i], best[i][1]
-            best[i] = (best[i][0], np.where((q[0] < p[0])[None], q, p).astype(np.float32), best[i][2])
+            best[i] = (best[i][0], _merge_intensity(best[i][1], sums[i] / counts[i]), best[i][2])
     for i, (_s, p, _pol) in best.items():
         results[i] = suppress_specks(p)
     return results
+
+
+def _merge_intensity(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The kept answer ``p`` ([3, v, u]) with the intensity reading's answer ``q`` taken at the
+    pixels where ``q`` sees more screw (lower background probability), within ``q``'s screw
+    blobs (8-connected, background under 0.5) that hold a confident shaft
+    (:data:`FUSE_MIN_SHAFT_PEAK`)."""
+    from scipy import ndimage
+
+    blobs, n = ndimage.label(q[0] < 0.5, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return p
+    peak = np.asarray(ndimage.maximum(q[2], blobs, index=np.arange(1, n + 1)))
+    take = np.concatenate([[False], peak >= FUSE_MIN_SHAFT_PEAK])[blobs] & (q[0] < p[0])
+    return np.where(take[None], q, p).astype(np.float32)
 
 
 #: Screw blobs smaller than this fraction of the image area are noise, not screws: a screw head
