@@ -370,20 +370,22 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
         if i not in best or (screw > margins[i] * best[i][0]
                              and _shaft_evidence(p) > margins[i] * _shaft_evidence(best[i][1])):
             best[i] = (screw, p, INTENSITY, shape)
-    # Where metal was read dark and the intensity reading lost, its answer is still merged in,
-    # pixel by pixel, where it sees more screw (see FUSE_INTENSITY).
-    fuse = {i: p for i, (p, _shape) in readings.items() if FUSE_INTENSITY and best[i][2] == "dark"}
+    # Where metal was read dark and the intensity reading lost, its answer is still merged in
+    # where it sees more screw (see FUSE_INTENSITY): kept aside here, at full size.
+    fuse = {i: _resize_probs(p, shape) for i, (p, shape) in readings.items()
+            if FUSE_INTENSITY and best[i][2] == "dark"}
     best = {i: (score, _resize_probs(p, shape), pol) for i, (score, p, pol, shape) in best.items()}
     # Further passes in the kept polarity, averaged with the first: the mirrored image, and
-    # the image in a local window (see LOCAL_WINDOW_MM).
+    # the image in a local window (see LOCAL_WINDOW_MM).  Each item: (image, input, shape,
+    # mirrored, the answer it is averaged into: the kept one's, or the intensity reading's).
     keep = [(i, pol, x, shape) for (i, pol, x, shape) in work if pol == best[i][2]]
-    extra: list[tuple[int, np.ndarray, tuple, bool]] = []
+    extra: list[tuple[int, np.ndarray, tuple, bool, bool]] = []
     if mirror:
         # A screw looks the same in a mirror; the network's errors mostly do not, so the
         # average of both answers is steadier (test-time augmentation with a training flip).
-        extra += [(i, np.ascontiguousarray(x[:, ::-1]), shape, True) for i, _pol, x, shape in keep]
-    fuse_extra = [(i, np.ascontiguousarray(x[:, ::-1]), shape, True) for i, pol, x, shape in work
-                  if pol == INTENSITY and i in fuse] if mirror else []
+        extra += [(i, np.ascontiguousarray(x[:, ::-1]), shape, True, False) for i, _pol, x, shape in keep]
+        extra += [(i, np.ascontiguousarray(x[:, ::-1]), shape, True, True) for i, pol, x, shape in work
+                  if pol == INTENSITY and i in fuse]
     if LOCAL_PASS if local is None else local:
         for i, pol, _x, shape in keep:
             arr, scale, fields, shown = per_image[i]
@@ -392,29 +394,22 @@ def segment(images, model=None, metal=None, device="cpu", batch_size: int | None
             sigma_px = LOCAL_WINDOW_MM / _pixel_mm(arr.shape, spacings[i])
             xl = _to_work_size(preprocess(local_contrast(src, field, sigma_px), metal=metal_of_src, field=field),
                                scale)
-            extra.append((i, xl, shape, False))
+            extra.append((i, xl, shape, False, False))
             if mirror:
-                extra.append((i, np.ascontiguousarray(xl[:, ::-1]), shape, True))
+                extra.append((i, np.ascontiguousarray(xl[:, ::-1]), shape, True, False))
     if extra:
-        outs = _run_network(model, [x for _i, x, _s, _f in extra], device, batch_size)
-        sums = {i: best[i][1].copy() for i in best}
-        counts = {i: 1 for i in best}
-        for (i, _x, shape, flipped), p in zip(extra, outs):
+        outs = _run_network(model, [item[1] for item in extra], device, batch_size)
+        sums = {False: {i: best[i][1].copy() for i in best}, True: fuse}
+        counts = {False: {i: 1 for i in best}, True: {i: 1 for i in fuse}}
+        for (i, _x, shape, flipped, into_fuse), p in zip(extra, outs):
             if flipped:
                 p = np.ascontiguousarray(p[:, :, ::-1])
-            sums[i] += _resize_probs(p, shape)
-            counts[i] += 1
-        best = {i: (best[i][0], sums[i] / counts[i], best[i][2]) for i in best}
-    if fuse:
-        outs = _run_network(model, [x for _i, x, _s, _f in fuse_extra], device, batch_size) if fuse_extra else []
-        shapes = {i: shape for i, pol, _x, shape in work if pol == INTENSITY}
-        sums = {i: _resize_probs(p, shapes[i]) for i, p in fuse.items()}
-        counts = {i: 1 for i in fuse}
-        for (i, _x, shape, _flipped), p in zip(fuse_extra, outs):
-            sums[i] += _resize_probs(np.ascontiguousarray(p[:, :, ::-1]), shape)
-            counts[i] += 1
-        for i in fuse:
-            best[i] = (best[i][0], _merge_intensity(best[i][1], sums[i] / counts[i]), best[i][2])
+            sums[into_fuse][i] += _resize_probs(p, shape)
+            counts[into_fuse][i] += 1
+        best = {i: (best[i][0], sums[False][i] / counts[False][i], best[i][2]) for i in best}
+        fuse = {i: sums[True][i] / counts[True][i] for i in fuse}
+    for i, q in fuse.items():
+        best[i] = (best[i][0], _merge_intensity(best[i][1], q), best[i][2])
     for i, (_s, p, _pol) in best.items():
         results[i] = suppress_specks(p)
     return results
