@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-screw", type=int, default=3, help="misplacements per direction per planned screw")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "assessment.json"))
+    ap.add_argument("--pose-cache", default=str(ROOT / "bench" / ".cache" / "pose"),
+                    help="bench_pose.py's cache (cases/ and evals/) whose fitted screws are graded end to end")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     t_start = time.time()
@@ -117,6 +119,11 @@ def main(argv=None) -> int:
     timings["rotated"] = round(time.time() - t0, 1)
     results["rotated_spine"] = {"rotation_axis": [1, 2, 3], "rotation_deg": 130.0, **metrics(cases, rot_out)}
     print_mode("rotated (label, true poses)", {"true_poses": results["rotated_spine"]})
+
+    # End to end: the pipeline's own fitted screws on the pose benchmark's cases (bench_pose.py).
+    t0 = time.time()
+    results["end_to_end"] = end_to_end(Path(args.pose_cache), labels, args.levels)
+    timings["end_to_end"] = round(time.time() - t0, 1)
 
     # The headline numbers the issue asks for: same definition as truth (label), estimated poses.
     head = results["modes"]["label"]
@@ -275,6 +282,82 @@ def as_result(screw: Screw) -> dict:
 def assess(cases, anatomy, pose_sigma, desc):
     return [assessment.assess_screw(as_result(c), anatomy, pose_sigma=pose_sigma, where=c.id)
             for c in tqdm(cases, desc=desc)]
+
+
+# ----------------------------------------------------------------------------- end to end
+END_TO_END_KEYS = ("network/2views", "network/3views", "truth/2views", "truth/3views")
+
+
+def end_to_end(cache: Path, labels, levels) -> dict:
+    """Grades of the pipeline's own fitted screws against truth.json's breach, on the cases of
+    bench_pose.py (``cache``: its ``cases/`` and ``evals/``; the evaluations must hold the fitted
+    screws, which bench_pose.py keeps since session 28).
+
+    Per mode (network or true label maps, two or three views): the paired screws are graded as
+    ``run`` grades them (label bone; the pose uncertainty from each screw's confidence), and
+    compared with the grade of their true breach; screws the pipeline missed are counted apart.
+    Only screws at ``levels`` count (L3 is cut by the example CT, see DEFAULT_LEVELS). The
+    breaches of these cases are mostly grade A and never E: this is a check of the whole chain,
+    beside the A-E set above, not a replacement for it.
+    """
+    evals_dir, cases_dir = cache / "evals", cache / "cases"
+    if not evals_dir.is_dir():
+        return {"skipped": f"no pose benchmark cache at {cache} (run bench/bench_pose.py first)"}
+    anatomy = assessment.Anatomy(labels, None, bone="label")
+    per_mode = {key: {"truth": [], "outs": [], "missed": 0, "cases": 0} for key in ("true_poses",) + END_TO_END_KEYS}
+    for f in tqdm(sorted(evals_dir.glob("*.json")), desc="end to end"):
+        doc = json.loads(f.read_text())
+        truth_path = cases_dir / f.stem / "truth" / "truth.json"
+        if not truth_path.exists():
+            continue
+        truth = io.read_truth(truth_path)
+        graded = [(ti, t) for ti, t in enumerate(truth["screws"])
+                  if t.get("level") in levels and t.get("breach_mm") is not None]
+        if graded and any("screws" in (doc.get(key) or {}) for key in END_TO_END_KEYS):
+            # The true poses of the same screws: the read-out's own error on these cases.
+            acc = per_mode["true_poses"]
+            acc["cases"] += 1
+            for ti, t in graded:
+                acc["outs"].append(assessment.assess_screw({**t, "confidence": 1.0}, anatomy, pose_sigma=0.0,
+                                                           where=f"{f.stem} truth {t.get('id')}"))
+                acc["truth"].append(_TruthScrew(t))
+        for key in END_TO_END_KEYS:
+            ev = doc.get(key)
+            if not ev or "screws" not in ev:
+                continue
+            acc = per_mode[key]
+            acc["cases"] += 1
+            paired = {p["truth_index"]: p["result_index"] for p in ev["pairs"]}
+            for ti, t in graded:
+                if ti not in paired:
+                    acc["missed"] += 1
+                    continue
+                screw = ev["screws"][paired[ti]]
+                acc["outs"].append(assessment.assess_screw(screw, anatomy, where=f"{f.stem} {key} {screw['id']}"))
+                acc["truth"].append(_TruthScrew(t))
+    shown = cache.resolve().relative_to(ROOT) if cache.resolve().is_relative_to(ROOT) else cache
+    out = {"cases": str(shown), "levels": list(levels), "bone": "label",
+           "pose_sigma": "from each screw's confidence (assessment.sigma_from_confidence)"}
+    for key, acc in per_mode.items():
+        if not acc["outs"]:
+            continue
+        truth_b = [c.breach_mm for c in acc["truth"]]
+        out[key] = {"cases": acc["cases"], "graded": len(acc["outs"]), "missed_by_the_pipeline": acc["missed"],
+                    "truth_grades": grade_counts(truth_b), **metrics(acc["truth"], acc["outs"])}
+    if not any(key in out for key in END_TO_END_KEYS):
+        out["skipped"] = (f"no evaluation in {evals_dir} holds the fitted screws (rerun bench/bench_pose.py "
+                          "after deleting its evals)")
+    return out
+
+
+class _TruthScrew:
+    """What :func:`metrics` reads of a truth.json screw: breach, level, side, misplacement direction."""
+
+    def __init__(self, t: dict):
+        self.breach_mm = float(t["breach_mm"])
+        self.level = t.get("level")
+        self.side = t.get("side")
+        self.extra = {"direction": None}
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -217,6 +217,9 @@ def main(argv=None) -> int:
                 ev["timing_s"] = res["timing_s"]
                 ev["timing_s"]["segmentation"] = seg_s * nv / len(case.views)
                 ev["unmatched"] = res["unmatched"]
+                # The fitted screws themselves, so that bench_assessment.py can grade the pipeline's
+                # own poses against truth.json's breach (its end-to-end figure).
+                ev["screws"] = [{key: s[key] for key in RESULT_SCREW_KEYS} for s in res["screws"]]
                 done[f"{mode}/{k}"] = ev
         io.write_json_atomic(out, done)
 
@@ -285,6 +288,10 @@ def main(argv=None) -> int:
     io.write_json_atomic(args.out, report)
     print(f"-> {args.out}")
     return 0
+
+
+#: What an evaluation keeps of each result screw (CASE_FORMAT; the per-view pixels are left out).
+RESULT_SCREW_KEYS = ("id", "entry_mm", "tip_mm", "diameter_mm", "length_mm", "confidence")
 
 
 def _done(evals: dict, mode: str, k: str) -> bool:
