@@ -16,7 +16,12 @@ grade range. Then the same on the spine rotated (an oblique rotation applied
 to the label volume's ijk_to_ras and to the screws). Bone from the label
 ("label", the truth's definition) and from the CT ("ct").
 
+End to end: the screws that the pipeline itself fitted on bench_pose.py's cases (its evaluation
+cache keeps them), graded as ``run`` grades them, against their truth.json breach
+(``end_to_end``, per pose set).
+
     .venv/bin/python bench/bench_assessment.py [--levels T8 ... L3] [--per-screw 3] [--seed 0]
+                                               [--pose-cache bench/.cache/pose ...]
 
 Writes bench/results/assessment.json.
 """
@@ -61,8 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--per-screw", type=int, default=3, help="misplacements per direction per planned screw")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "assessment.json"))
-    ap.add_argument("--pose-cache", default=str(ROOT / "bench" / ".cache" / "pose"),
-                    help="bench_pose.py's cache (cases/ and evals/) whose fitted screws are graded end to end")
+    ap.add_argument("--pose-cache", nargs="+", default=[str(ROOT / "bench" / ".cache" / name) for name in
+                                                         ("pose", "pose-voxel", "pose-voxel-prone")],
+                    help="bench_pose.py's caches (cases/ and evals/) whose fitted screws are graded end to end "
+                         "(default: our 30 cases, the second renderer's and its prone geometry's 10)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     t_start = time.time()
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
 
     # End to end: the pipeline's own fitted screws on the pose benchmark's cases (bench_pose.py).
     t0 = time.time()
-    results["end_to_end"] = end_to_end(Path(args.pose_cache), labels, args.levels)
+    results["end_to_end"] = {Path(c).name: end_to_end(Path(c), labels, args.levels) for c in args.pose_cache}
     timings["end_to_end"] = round(time.time() - t0, 1)
 
     # The headline numbers the issue asks for: same definition as truth (label), estimated poses.
