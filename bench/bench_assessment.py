@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     for bone in ("label", "ct"):
         t0 = time.time()
         anatomy = assessment.Anatomy(labels, ct if bone == "ct" else None, bone=bone)
+        if bone == "label":
+            label_anatomy = anatomy  # graded again end to end below: its vertebrae are built once
         true_out = assess(cases, anatomy, pose_sigma=0.0, desc=f"{bone} true")
         t1 = time.time()
         # The pose error's scale is the uncertainty carried into the grade.
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
 
     # End to end: the pipeline's own fitted screws on the pose benchmark's cases (bench_pose.py).
     t0 = time.time()
-    results["end_to_end"] = {Path(c).name: end_to_end(Path(c), labels, args.levels) for c in args.pose_cache}
+    results["end_to_end"] = {Path(c).name: end_to_end(Path(c), label_anatomy, args.levels) for c in args.pose_cache}
     timings["end_to_end"] = round(time.time() - t0, 1)
 
     # The headline numbers the issue asks for: same definition as truth (label), estimated poses.
@@ -295,10 +297,11 @@ def assess(cases, anatomy, pose_sigma, desc):
 END_TO_END_KEYS = ("network/2views", "network/3views", "truth/2views", "truth/3views")
 
 
-def end_to_end(cache: Path, labels, levels) -> dict:
+def end_to_end(cache: Path, anatomy, levels) -> dict:
     """Grades of the pipeline's own fitted screws against truth.json's breach, on the cases of
     bench_pose.py (``cache``: its ``cases/`` and ``evals/``; the evaluations must hold the fitted
-    screws, which bench_pose.py keeps since session 28).
+    screws, which bench_pose.py keeps since session 28).  ``anatomy``: the example CT's
+    ``assessment.Anatomy`` with label bone (truth.json's definition).
 
     Per mode (network or true label maps, two or three views): the paired screws are graded as
     ``run`` grades them (label bone; the pose uncertainty from each screw's confidence), and
@@ -310,7 +313,6 @@ def end_to_end(cache: Path, labels, levels) -> dict:
     evals_dir, cases_dir = cache / "evals", cache / "cases"
     if not evals_dir.is_dir():
         return {"skipped": f"no pose benchmark cache at {cache} (run bench/bench_pose.py first)"}
-    anatomy = assessment.Anatomy(labels, None, bone="label")
     per_mode = {key: {"truth": [], "outs": [], "missed": 0, "cases": 0} for key in ("true_poses",) + END_TO_END_KEYS}
     for f in tqdm(sorted(evals_dir.glob("*.json")), desc="end to end"):
         doc = json.loads(f.read_text())
@@ -324,10 +326,11 @@ def end_to_end(cache: Path, labels, levels) -> dict:
             # The true poses of the same screws: the read-out's own error on these cases.
             acc = per_mode["true_poses"]
             acc["cases"] += 1
-            for ti, t in graded:
-                acc["outs"].append(assessment.assess_screw({**t, "confidence": 1.0}, anatomy, pose_sigma=0.0,
-                                                           where=f"{f.stem} truth {t.get('id')}"))
-                acc["truth"].append(_TruthScrew(t))
+            for _ti, t in graded:
+                screw = Screw.from_truth_dict(t)
+                acc["outs"].append(assessment.assess_screw(as_result(screw), anatomy, pose_sigma=0.0,
+                                                           where=f"{f.stem} truth {screw.id}"))
+                acc["truth"].append(screw)
         for key in END_TO_END_KEYS:
             ev = doc.get(key)
             if not ev or "screws" not in ev:
@@ -341,7 +344,7 @@ def end_to_end(cache: Path, labels, levels) -> dict:
                     continue
                 screw = ev["screws"][paired[ti]]
                 acc["outs"].append(assessment.assess_screw(screw, anatomy, where=f"{f.stem} {key} {screw['id']}"))
-                acc["truth"].append(_TruthScrew(t))
+                acc["truth"].append(Screw.from_truth_dict(t))
     shown = cache.resolve().relative_to(ROOT) if cache.resolve().is_relative_to(ROOT) else cache
     out = {"cases": str(shown), "levels": list(levels), "bone": "label",
            "pose_sigma": "from each screw's confidence (assessment.sigma_from_confidence)"}
@@ -355,16 +358,6 @@ def end_to_end(cache: Path, labels, levels) -> dict:
         out["skipped"] = (f"no evaluation in {evals_dir} holds the fitted screws (rerun bench/bench_pose.py "
                           "after deleting its evals)")
     return out
-
-
-class _TruthScrew:
-    """What :func:`metrics` reads of a truth.json screw: breach, level, side, misplacement direction."""
-
-    def __init__(self, t: dict):
-        self.breach_mm = float(t["breach_mm"])
-        self.level = t.get("level")
-        self.side = t.get("side")
-        self.extra = {"direction": None}
 
 
 # ----------------------------------------------------------------------------- metrics
