@@ -122,3 +122,16 @@ def test_train_mixes_in_rendered_views(bank_path, tmp_path):
     assert segmentation.load_model(w).meta["p_renderer"] == 0.5
     with pytest.raises(ValueError, match="p_renderer"):
         training.train(tmp_path / "bad", steps=1, p_renderer=1.5, **kw)
+
+
+def test_train_precision_is_recorded_and_checked(bank_path, tmp_path):
+    kw = dict(seed=123, n_bank_views=1, bank_path=bank_path, batch_size=2, crop_px=64, workers=0, progress=False)
+    # bfloat16 autocast on the forward pass (emulated where the CPU lacks it): weights stay float32
+    w = training.train(tmp_path / "bf16", steps=1, precision="bfloat16", **kw)
+    m = segmentation.load_model(w)
+    assert m.meta["precision"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert segmentation.load_model(training.train(tmp_path / "fp32", steps=1, precision="float32", **kw)
+                                   ).meta["precision"] == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        training.train(tmp_path / "bad", steps=1, precision="float16", **kw)

@@ -150,6 +150,23 @@ def test_polychromatic_titanium_hardens_the_beam():
     assert abs(w.sum() - 1) < 1e-9 and 25 < (E * w).sum() < 60
 
 
+def test_collimator_shutters_pass_a_few_percent():
+    p = xray.RenderParams(photons_per_pixel=None, scatter_fraction=0, blur_px=0, heel=0.0,
+                          collimator=(0.25, 0.0, 0.125, 0.0))
+    open_ = xray.unshuttered_mask(64, 32, p)
+    assert open_.shape == (32, 64)
+    assert not open_[:, :16].any() and not open_[:, 56:].any() and open_[:, 16:56].all()
+    assert xray.unshuttered_mask(64, 32, xray.RenderParams()).all()
+    # as displayed: warped like the image by the display's pincushion (the edges pulled inwards)
+    import dataclasses
+    warped = xray.unshuttered_mask(64, 32, dataclasses.replace(p, pincushion=0.1), as_displayed=True)
+    assert warped.shape == (32, 64) and abs(int(warped[16].sum()) - 40) <= 4 and (warped != open_).any()
+    I = xray.detect({"soft": torch.full((32, 64), 15.0)}, p).numpy()
+    # behind a shutter (away from its blurred edge) the beam is the shutter's transmission
+    np.testing.assert_allclose(I[:, :10] / I[:, 30:34].mean(), p.collimator_transmission, rtol=1e-3)
+    np.testing.assert_allclose(I[:, 62:] / I[:, 30:34].mean(), p.collimator_transmission, rtol=1e-3)
+
+
 def test_quantum_noise_follows_dose():
     L = {"soft": torch.full((64, 64), 15.0)}
     sd = []

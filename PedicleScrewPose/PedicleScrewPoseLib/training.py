@@ -868,7 +868,8 @@ class _PairStream(_iterable_dataset_base()):
 def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: float | None = None,
           device="cpu", resume: bool = False, batch_size: int = 16, lr: float = 3e-3, n_bank_views: int = 36,
           bank_path=None, workers: int = 1, threads: int = 1, log_every: int = 20, ckpt_every: int = 50,
-          progress: bool = True, crop_px: int = CROP_PX, init=None, p_renderer: float = 0.0) -> Path:
+          progress: bool = True, crop_px: int = CROP_PX, init=None, p_renderer: float = 0.0,
+          precision: str = "auto") -> Path:
     """Train the U-Net; returns the path of the final weights (``out_dir/screw_unet.pt``).
 
     Stops after ``steps`` optimiser steps or ``minutes`` of wall time, whichever
@@ -877,7 +878,10 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     end; ``resume=True`` continues from it.  Logs: ``out_dir/log.csv`` and
     ``out_dir/log.jsonl`` every ``log_every`` steps.  ``p_renderer``: the fraction of each
     batch drawn from whole views rendered by the simulator (:func:`renderer_pairs`) instead of
-    the compositor (:func:`render_sample`).
+    the compositor (:func:`render_sample`).  ``precision``: ``"auto"`` runs the network's
+    forward pass under bfloat16 autocast where the hardware does bfloat16 (this CPU's
+    AVX512-BF16 or AMX, a CUDA card that supports it), float32 elsewhere; the weights, the
+    optimiser and the loss stay in float32.
     """
     import torch
     from monai.losses import DiceCELoss
@@ -916,6 +920,8 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
 
     if not 0.0 <= float(p_renderer) <= 1.0:
         raise ValueError(f"p_renderer must lie in [0, 1], got {p_renderer}")
+    amp_dtype = training_dtype(device, precision)
+    amp_device = "cuda" if str(device).startswith("cuda") else "cpu"
     stream = _PairStream(bank_path, seed, batch_size, crop_px, p_renderer=p_renderer)
     stream.start = step
     if workers > 0:
@@ -952,7 +958,9 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
         xb, yb = xb.to(device), yb.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, time.time() - t0)
-        logits = model(xb)
+        with torch.autocast(amp_device, dtype=torch.bfloat16, enabled=amp_dtype == torch.bfloat16):
+            logits = model(xb)
+        logits = logits.float()
         loss = loss_fn(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -989,12 +997,30 @@ def train(out_dir, seed: int = DEFAULT_SEED, steps: int | None = None, minutes: 
     jl.close()
     model.eval()
     meta = {"seed": seed, "steps": step, "elapsed_s": round(time.time() - t0, 1), "batch_size": batch_size,
-            "crop_px": crop_px, "p_renderer": float(p_renderer), "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views, "lr": lr,
+            "crop_px": crop_px, "p_renderer": float(p_renderer), "precision": str(amp_dtype).replace("torch.", ""), "train_levels": list(TRAIN_LEVELS), "bank_views": n_bank_views, "lr": lr,
             "init": None if init is None else {"file": Path(init).name, "sha256": segmentation.sha256_of(init)}}
     weights = out / "screw_unet.pt"
     segmentation.save_weights(model.cpu(), weights, meta=meta)
     print(f"wrote {weights} after {step} steps")
     return weights
+
+
+def training_dtype(device, precision: str = "auto"):
+    """The dtype of the forward pass in :func:`train` for ``precision`` on ``device``.
+
+    bfloat16 autocast nearly halves a CPU training step where the CPU does bfloat16 in hardware
+    (measured here: 0.87 -> 0.50 s for 16 crops of 128x128 on one thread); it is float32 on CPUs
+    that would emulate it.  Unlike float16, bfloat16 keeps float32's range, so no loss scaling.
+    """
+    import torch
+
+    if precision not in segmentation.PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {', '.join(segmentation.PRECISIONS)}")
+    if precision != "auto":
+        return getattr(torch, precision)
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if segmentation.cpu_has_bfloat16() else torch.float32
 
 
 # =========================================================================== CLI
@@ -1018,6 +1044,9 @@ def add_train_segmentation_arguments(parser) -> None:
     parser.add_argument("--p-renderer", type=float, default=0.0,
                         help="fraction of each batch from whole views rendered by the simulator (xray.render_view) "
                              "instead of the compositor (default 0: stages 1-5 of the shipped model)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="arithmetic of the forward pass: auto (default) is bfloat16 autocast where the CPU "
+                             "or GPU does it in hardware, float32 elsewhere; weights and optimiser stay float32")
 
 
 def train_segmentation_command(args) -> int:
@@ -1028,5 +1057,5 @@ def train_segmentation_command(args) -> int:
     train(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes, device=args.device,
           resume=args.resume, batch_size=args.batch_size, lr=args.lr, n_bank_views=args.bank_views,
           workers=args.workers, threads=args.threads, crop_px=args.crop, init=args.init,
-          p_renderer=args.p_renderer)
+          p_renderer=args.p_renderer, precision=args.precision)
     return 0

@@ -1055,14 +1055,8 @@ def detect(line_integrals: dict, params: RenderParams, rng=None, device=None):
         ramp = torch.linspace(-0.5, 0.5, W, device=dev)[None, :]
         gain = gain * (1 + params.heel * ramp)
     if params.collimator is not None:
-        le, to, ri, bo = params.collimator
-        shut = torch.ones((H, W), dtype=torch.float32, device=dev)
-        shut[:, : int(le * W)] = params.collimator_transmission
-        shut[: int(to * H), :] = params.collimator_transmission
-        if ri > 0:
-            shut[:, W - int(ri * W):] = params.collimator_transmission
-        if bo > 0:
-            shut[H - int(bo * H):, :] = params.collimator_transmission
+        open_ = torch.from_numpy(unshuttered_mask(W, H, params)).to(dev)
+        shut = torch.where(open_, 1.0, float(params.collimator_transmission)).to(torch.float32)
         shut = _gauss_blur(shut, 1.5)
         gain = gain * shut
     signal = signal * gain
@@ -1128,6 +1122,27 @@ def field_mask(width: int, height: int, params: RenderParams) -> np.ndarray:
     vv, uu = np.mgrid[0:height, 0:width]
     r = np.hypot(uu - (width - 1) / 2, vv - (height - 1) / 2)
     return r <= params.field_radius * width
+
+
+def unshuttered_mask(width: int, height: int, params: RenderParams, as_displayed: bool = False) -> np.ndarray:
+    """bool [v, u]: pixels not behind a collimator shutter (all True without shutters).
+
+    On the detector by default; ``as_displayed``: warped by the display's pincushion distortion,
+    as :func:`display` warps the image and its labels.
+    """
+    out = np.ones((height, width), bool)
+    if params.collimator is None:
+        return out
+    le, to, ri, bo = params.collimator
+    out[:, : int(le * width)] = False
+    out[: int(to * height), :] = False
+    if ri > 0:
+        out[:, width - int(ri * width):] = False
+    if bo > 0:
+        out[height - int(bo * height):, :] = False
+    if as_displayed and params.pincushion > 0:
+        out = _pincushion(np.zeros((height, width), np.float32), out.astype(np.uint8), params.pincushion)[1] > 0
+    return out
 
 
 def display(intensity, params: RenderParams, rng=None, labels=None, exclude=None):
