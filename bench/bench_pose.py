@@ -333,16 +333,9 @@ def _exposed_fraction(view, params: dict, entry_mm, tip_mm) -> float:
     ok = (uv[:, 0] >= 0) & (uv[:, 1] >= 0) & (uv[:, 0] <= W - 1) & (uv[:, 1] <= H - 1)
     ui = np.clip(np.round(uv[:, 0]).astype(int), 0, W - 1)
     vi = np.clip(np.round(uv[:, 1]).astype(int), 0, H - 1)
-    field = xray.field_mask(W, H, xray.RenderParams(field=params.get("field", "square"),
-                                                    field_radius=params.get("field_radius", 0.49)))
-    ok &= field[vi, ui]
-    if params.get("collimator"):
-        le, to, ri, bo = params["collimator"]
-        ok &= (uv[:, 0] >= int(le * W)) & (uv[:, 1] >= int(to * H))
-        if ri > 0:
-            ok &= uv[:, 0] < W - int(ri * W)
-        if bo > 0:
-            ok &= uv[:, 1] < H - int(bo * H)
+    p = xray.RenderParams(field=params.get("field", "square"), field_radius=params.get("field_radius", 0.49),
+                          collimator=tuple(params["collimator"]) if params.get("collimator") else None)
+    ok &= (xray.field_mask(W, H, p) & xray.unshuttered_mask(W, H, p))[vi, ui]
     return float(ok.mean())
 
 

@@ -1044,7 +1044,7 @@ def add_train_segmentation_arguments(parser) -> None:
     parser.add_argument("--p-renderer", type=float, default=0.0,
                         help="fraction of each batch from whole views rendered by the simulator (xray.render_view) "
                              "instead of the compositor (default 0: stages 1-5 of the shipped model)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+    parser.add_argument("--precision", default="auto", choices=segmentation.PRECISIONS,
                         help="arithmetic of the forward pass: auto (default) is bfloat16 autocast where the CPU "
                              "or GPU does it in hardware, float32 elsewhere; weights and optimiser stay float32")
 
